@@ -1,0 +1,127 @@
+"""Pre-flight checks that turn common set-up mistakes into one-line errors.
+
+``train_net.py`` runs :func:`preflight` in the launching process, before any worker starts, so a
+bad config key, an unregistered dataset, a missing COCO folder or a missing/corrupt
+``MODEL.WEIGHTS`` file is reported as one line that names the culprit and what to do, instead of
+a traceback from deep inside a worker.
+"""
+import logging
+import os
+import pickle
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+
+from .config import add_libra_config
+from .data.shapes import ensure_shapes_dataset, is_shapes_dataset
+
+logger = logging.getLogger(__name__)
+
+
+class SetupError(Exception):
+    """A user-facing set-up problem; its message is a complete one-line explanation."""
+
+
+def load_config(config_file, opts=()):
+    """
+    Build a detectron2 config with the libra_d2 keys, merged from ``config_file`` and ``opts``.
+
+    Raises:
+        SetupError: the file is missing, or it or ``opts`` name a key that does not exist.
+    """
+    cfg = get_cfg()
+    add_libra_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise SetupError(f"config file '{config_file}' does not exist")
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as e:
+            raise SetupError(f"{config_file}: {e.args[0]} (see libra_d2/config.py for libra keys)")
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError, ValueError) as e:
+        raise SetupError(f"command-line override {list(opts)}: {e.args[0] if e.args else e}")
+    return cfg
+
+
+def check_datasets(cfg):
+    """
+    Check that every dataset in ``cfg.DATASETS.TRAIN`` / ``TEST`` is registered and that the files
+    of COCO-format datasets exist; generate the built-in ``libra_shapes`` splits if needed.
+
+    Raises:
+        SetupError: naming the dataset, the missing path and how to fix it.
+    """
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    if any(is_shapes_dataset(n) for n in names):
+        ensure_shapes_dataset()
+    registered = set(DatasetCatalog.list())
+    for name in names:
+        if name not in registered:
+            raise SetupError(
+                f"dataset '{name}' is not registered with detectron2's DatasetCatalog; "
+                "register it before training (e.g. register_coco_instances) or use one of "
+                "libra_shapes_train/libra_shapes_val or detectron2's builtin names (coco_2017_*)"
+            )
+        meta = MetadataCatalog.get(name)
+        for field in ("json_file", "image_root"):
+            path = getattr(meta, field, None)
+            if path and not os.path.exists(path):
+                raise SetupError(
+                    f"dataset '{name}': {field} '{path}' does not exist; put the dataset there "
+                    "or set DETECTRON2_DATASETS to the folder that holds it "
+                    f"(now: '{os.environ.get('DETECTRON2_DATASETS', 'datasets')}')"
+                )
+
+
+def check_weights(path):
+    """
+    Check that a local ``MODEL.WEIGHTS`` file exists and can be read as a checkpoint. Remote URLs
+    (``detectron2://``, ``http(s)://``) are left to detectron2's checkpointer.
+
+    Raises:
+        SetupError: the file is missing or is not a readable checkpoint.
+    """
+    if not path or "://" in path:
+        return
+    if not os.path.isfile(path):
+        raise SetupError(f"MODEL.WEIGHTS '{path}' does not exist")
+    try:
+        if path.endswith(".pkl"):
+            with open(path, "rb") as f:
+                pickle.load(f, encoding="latin1")
+        else:
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure to read it means the file is unusable
+        raise SetupError(
+            f"MODEL.WEIGHTS '{path}' is not a readable checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        )
+
+
+def check_model(cfg):
+    """
+    Build the model once on the CPU so that invalid libra_d2 keys fail before training.
+
+    Raises:
+        SetupError: with the ``ValueError`` of the module that rejected its config.
+    """
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    try:
+        build_model(cfg)
+    except ValueError as e:
+        raise SetupError(str(e))
+
+
+def preflight(config_file, opts=()):
+    """Run every check above on the config that ``train_net.py`` will use; return that config."""
+    cfg = load_config(config_file, opts)
+    check_datasets(cfg)
+    check_weights(cfg.MODEL.WEIGHTS)
+    check_model(cfg)
+    return cfg

@@ -1,0 +1,66 @@
+"""Every config key that libra_d2 adds to detectron2, with its default.
+
+Call :func:`add_libra_config` on a detectron2 config (``get_cfg()``) before merging a libra_d2 YAML.
+It only adds keys to the config passed in; detectron2's global defaults are never touched.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_libra_config(cfg):
+    """
+    Add the Libra R-CNN config keys to ``cfg`` (in place) and return it.
+
+    Args:
+        cfg (CfgNode): a detectron2 config, e.g. from ``detectron2.config.get_cfg()``.
+    """
+    _C = cfg
+
+    # ---- Sample level: IoU-balanced sampling of the second-stage (ROI heads) training samples ----
+    _C.MODEL.ROI_HEADS.IOU_BALANCED = CN()
+    # Number of equal-width IoU bins the negatives are drawn from evenly (paper: K = 3).
+    _C.MODEL.ROI_HEADS.IOU_BALANCED.NUM_BINS = 3
+    # -1: every negative takes part in the IoU bins; in [0, 1): negatives below it are drawn at random.
+    _C.MODEL.ROI_HEADS.IOU_BALANCED.FLOOR_THR = -1.0
+    # Share of the negative quota drawn at random below FLOOR_THR (used only when FLOOR_THR >= 0).
+    _C.MODEL.ROI_HEADS.IOU_BALANCED.FLOOR_FRACTION = 0.0
+    # Split the positive quota evenly across ground-truth objects (instance-balanced positives).
+    _C.MODEL.ROI_HEADS.IOU_BALANCED.INSTANCE_BALANCED_POS = True
+
+    # ---- Feature level: Balanced Feature Pyramid over all FPN outputs ----
+    _C.MODEL.BFP = CN()
+    # Index into the FPN outputs of the level features are gathered at (2 = p4, stride 16).
+    _C.MODEL.BFP.REFINE_LEVEL = 2
+    # How the gathered feature is refined: "non_local", "conv" or "none".
+    _C.MODEL.BFP.REFINE_TYPE = "non_local"
+
+    # ---- Objective level: balanced L1 loss for the box regression of the ROI box head ----
+    # Box predictor class the libra_d2 ROI heads build, from ROI_BOX_PREDICTOR_REGISTRY.
+    _C.MODEL.ROI_BOX_HEAD.PREDICTOR_NAME = "BalancedL1FastRCNNOutputLayers"
+    _C.MODEL.ROI_BOX_HEAD.BALANCED_L1 = CN()
+    # alpha: gradient scale of the inlier part (gradient alpha * ln(b|x|/beta + 1) below beta).
+    _C.MODEL.ROI_BOX_HEAD.BALANCED_L1.ALPHA = 0.5
+    # gamma: gradient of the outlier part (|x| >= beta); b = e^(gamma/alpha) - 1.
+    _C.MODEL.ROI_BOX_HEAD.BALANCED_L1.GAMMA = 1.5
+    # beta: boundary between inliers and outliers, in units of the (weighted) box deltas.
+    _C.MODEL.ROI_BOX_HEAD.BALANCED_L1.BETA = 1.0
+
+    # ---- Libra RetinaNet: balanced L1 for the dense box regression (BBOX_REG_LOSS_TYPE "balanced_l1") ----
+    _C.MODEL.RETINANET.BALANCED_L1 = CN()
+    # Same meaning as MODEL.ROI_BOX_HEAD.BALANCED_L1; official RetinaNet setting beta = 0.11.
+    _C.MODEL.RETINANET.BALANCED_L1.ALPHA = 0.5
+    _C.MODEL.RETINANET.BALANCED_L1.GAMMA = 1.5
+    _C.MODEL.RETINANET.BALANCED_L1.BETA = 0.11
+
+    return cfg
+
+
+def check_range(key, value, low, high, low_open=False, high_open=False):
+    """
+    Raise ``ValueError`` naming the config ``key`` unless ``low <= value <= high`` (``<`` on an
+    open side). Used by the libra_d2 modules' ``from_config`` to validate their keys.
+    """
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{key} = {value!r} is out of range: it must lie in {interval}")

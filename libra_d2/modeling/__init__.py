@@ -1,0 +1,12 @@
+"""Libra R-CNN modules; importing this package registers them with detectron2's registries."""
+from .balanced_l1 import BalancedL1FastRCNNOutputLayers, balanced_l1_loss
+from .bfp import (
+    BalancedFeaturePyramid,
+    BalancedFPN,
+    build_resnet_bfp_backbone,
+    build_retinanet_resnet_bfp_backbone,
+)
+from .roi_heads import ROI_BOX_PREDICTOR_REGISTRY, IoUBalancedROIHeads, LibraROIHeads
+from .sampling import iou_balanced_subsample
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

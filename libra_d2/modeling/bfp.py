@@ -1,0 +1,289 @@
+"""Balanced Feature Pyramid (Libra R-CNN, Pang et al., CVPR 2019, arXiv 1904.02701, Sec. 3.2)."""
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from fvcore.nn import weight_init
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, FPN
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from torch import nn
+
+from ..config import check_range
+
+__all__ = [
+    "NonLocal2d",
+    "BalancedFeaturePyramid",
+    "BalancedFPN",
+    "build_resnet_bfp_backbone",
+    "build_retinanet_resnet_bfp_backbone",
+]
+
+
+class NonLocal2d(nn.Module):
+    """
+    Embedded-Gaussian non-local block (Wang et al., 2018) as used by Libra R-CNN's BFP.
+
+    Matches mmcv's ``NonLocal2d(in_channels, reduction=1, use_scale=False,
+    mode="embedded_gaussian")`` without norm: 1x1 convs ``g``, ``theta``, ``phi`` with
+    ``in_channels`` inner channels, ``y = softmax(theta(x)^T phi(x)) g(x)`` over the ``H*W``
+    positions (no ``1/sqrt(C)`` scaling), output ``x + conv_out(y)``. ``g``/``theta``/``phi`` are
+    initialised N(0, 0.01) with zero bias and ``conv_out`` with zeros (weight and bias), so a
+    freshly built block is the identity.
+
+    Shapes: input ``(N, C, H, W)`` -> output ``(N, C, H, W)``. The attention matrix is
+    ``(H*W) x (H*W)`` per image (computed by ``F.scaled_dot_product_attention``, which may
+    avoid materialising it).
+    """
+
+    def __init__(self, in_channels: int, init_std: float = 0.01):
+        super().__init__()
+        if int(in_channels) != in_channels or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        self.in_channels = int(in_channels)
+        inter = self.in_channels  # reduction = 1
+        self.g = nn.Conv2d(self.in_channels, inter, kernel_size=1)
+        self.theta = nn.Conv2d(self.in_channels, inter, kernel_size=1)
+        self.phi = nn.Conv2d(self.in_channels, inter, kernel_size=1)
+        self.conv_out = nn.Conv2d(inter, self.in_channels, kernel_size=1)
+        for m in (self.g, self.theta, self.phi):
+            nn.init.normal_(m.weight, mean=0.0, std=init_std)
+            nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) -> (N, C, H, W)."""
+        n, _, h, w = x.shape
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:
+            # (N, C', H, W) -> (N, 1, H*W, C'): one attention head over the spatial positions
+            return t.flatten(2).transpose(1, 2).unsqueeze(1)
+
+        q, k, v = tokens(self.theta(x)), tokens(self.phi(x)), tokens(self.g(x))
+        if q.dtype == torch.float16:
+            # Unscaled theta^T phi logits over C channels can exceed the fp16 range; bf16 and
+            # fp32 share the fp32 exponent range and the sdpa softmax is max-subtracted, so
+            # only fp16 is promoted (outside autocast, which would cast it back).
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=1.0)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        # (N, 1, H*W, C') -> (N, C', H, W)
+        y = y.squeeze(1).transpose(1, 2).reshape(n, -1, h, w)
+        return x + self.conv_out(y)
+
+
+class BalancedFeaturePyramid(nn.Module):
+    """
+    Balanced Feature Pyramid: integrate, refine and strengthen multi-level features.
+
+    1. Gather every level to the size of level ``refine_level``: finer levels by
+       ``F.adaptive_max_pool2d``, coarser ones by nearest interpolation; average them.
+    2. Refine the balanced feature: ``"non_local"`` (embedded-Gaussian :class:`NonLocal2d`,
+       identity at initialisation), ``"conv"`` (3x3 conv + ReLU, c2_xavier_fill init) or
+       ``"none"`` (identity, no parameters).
+    3. Scatter it back to every level (nearest interpolation up to finer levels, adaptive max
+       pooling down to coarser ones) and add it to that level's input (residual).
+
+    Args:
+        in_channels (int): channels ``C`` of every level.
+        num_levels (int): number of pyramid levels ``L`` (>= 1).
+        refine_level (int): index in ``[0, num_levels)`` of the level whose size the features
+            are gathered to (2 = P4 for P2-P6 in Libra Faster R-CNN).
+        refine_type (str): "non_local" | "conv" | "none".
+
+    Forward:
+        inputs: list or tuple of ``L`` tensors ``(N, C, H_i, W_i)``, ordered fine to coarse.
+        Returns a list of ``L`` tensors with the same shapes as the inputs.
+    """
+
+    REFINE_TYPES = ("non_local", "conv", "none")
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_levels: int,
+        refine_level: int = 2,
+        refine_type: str = "non_local",
+    ):
+        super().__init__()
+        if isinstance(in_channels, bool) or int(in_channels) != in_channels or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if isinstance(num_levels, bool) or int(num_levels) != num_levels or num_levels < 1:
+            raise ValueError(f"num_levels must be an int >= 1, got {num_levels!r}")
+        if (
+            isinstance(refine_level, bool)
+            or int(refine_level) != refine_level
+            or not 0 <= refine_level < num_levels
+        ):
+            raise ValueError(
+                f"refine_level must be an int in [0, num_levels - 1] = [0, {int(num_levels) - 1}]"
+                f", got {refine_level!r}"
+            )
+        if refine_type not in self.REFINE_TYPES:
+            raise ValueError(f"refine_type must be one of {self.REFINE_TYPES}, got {refine_type!r}")
+        self.in_channels = int(in_channels)
+        self.num_levels = int(num_levels)
+        self.refine_level = int(refine_level)
+        self.refine_type = refine_type
+
+        if refine_type == "non_local":
+            self.refine = NonLocal2d(self.in_channels)
+        elif refine_type == "conv":
+            conv = nn.Conv2d(self.in_channels, self.in_channels, kernel_size=3, padding=1)
+            weight_init.c2_xavier_fill(conv)
+            self.refine = nn.Sequential(conv, nn.ReLU(inplace=True))
+        else:
+            self.refine = nn.Identity()
+
+    def _check_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
+        if not isinstance(inputs, (list, tuple)):
+            raise ValueError(
+                f"inputs must be a list or tuple of {self.num_levels} tensors, "
+                f"got {type(inputs).__name__}"
+            )
+        if len(inputs) != self.num_levels:
+            raise ValueError(
+                f"inputs must have num_levels = {self.num_levels} tensors, got {len(inputs)}"
+            )
+        for i, x in enumerate(inputs):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                raise ValueError(f"inputs[{i}] must be a 4-d tensor (N, C, H, W)")
+            if x.shape[1] != self.in_channels:
+                raise ValueError(
+                    f"inputs[{i}] must have in_channels = {self.in_channels} channels, "
+                    f"got shape {tuple(x.shape)}"
+                )
+            if x.shape[0] != inputs[0].shape[0]:
+                raise ValueError(
+                    f"all inputs must have the same batch size, got {tuple(x.shape)} at "
+                    f"level {i} and {tuple(inputs[0].shape)} at level 0"
+                )
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """inputs: L tensors (N, C, H_i, W_i), fine to coarse -> list of L tensors, same shapes."""
+        self._check_inputs(inputs)
+        refine_hw = inputs[self.refine_level].shape[-2:]
+
+        # 1. integrate: gather to the refine level's size and average
+        gathered = []
+        for i, x in enumerate(inputs):
+            if i < self.refine_level:
+                gathered.append(F.adaptive_max_pool2d(x, output_size=refine_hw))
+            elif i > self.refine_level:
+                gathered.append(F.interpolate(x, size=refine_hw, mode="nearest"))
+            else:
+                gathered.append(x)
+        bsf = sum(gathered) / self.num_levels
+
+        # 2. refine
+        bsf = self.refine(bsf)
+
+        # 3. strengthen: scatter back and add to each level
+        outs = []
+        for i, x in enumerate(inputs):
+            level_hw = x.shape[-2:]
+            if i < self.refine_level:
+                residual = F.interpolate(bsf, size=level_hw, mode="nearest")
+            elif i > self.refine_level:
+                residual = F.adaptive_max_pool2d(bsf, output_size=level_hw)
+            else:
+                residual = bsf
+            outs.append(x + residual)
+        return outs
+
+
+class BalancedFPN(FPN):
+    """
+    detectron2's :class:`FPN` followed by a :class:`BalancedFeaturePyramid` over all of its outputs
+    (p2-p6 for Faster R-CNN, p3-p7 for RetinaNet; the top block's levels included, as the
+    official neck does).
+
+    Being an ``FPN`` subclass, every FPN and bottom-up parameter keeps its detectron2 name, so a
+    detectron2 R-50-FPN checkpoint loads with only ``bfp.*`` reported missing. ``output_shape()``,
+    ``size_divisibility`` and ``padding_constraints`` are those of the FPN.
+    """
+
+    def __init__(self, *, refine_level: int = 2, refine_type: str = "non_local", **fpn_kwargs):
+        """
+        Args:
+            refine_level, refine_type: see :class:`BalancedFeaturePyramid`; ``refine_level``
+                indexes the FPN outputs, fine to coarse.
+            fpn_kwargs: arguments of :class:`detectron2.modeling.FPN`.
+        """
+        super().__init__(**fpn_kwargs)
+        channels = {self._out_feature_channels[f] for f in self._out_features}
+        assert len(channels) == 1, channels
+        self.bfp = BalancedFeaturePyramid(
+            channels.pop(), len(self._out_features), refine_level, refine_type
+        )
+
+    def forward(self, x):
+        """
+        Args:
+            x (Tensor): ``(N, C, H, W)`` input images.
+
+        Returns:
+            dict[str -> Tensor]: FPN feature name (e.g. "p2") -> balanced feature ``(N, C', H_i,
+            W_i)``, the same keys and shapes as :meth:`FPN.forward`.
+        """
+        features = super().forward(x)
+        balanced = self.bfp([features[f] for f in self._out_features])
+        return dict(zip(self._out_features, balanced))
+
+
+def _build_resnet_bfp(cfg, input_shape, top_block_fn):
+    """ResNet + :class:`BalancedFPN` from ``cfg``; ``top_block_fn(bottom_up)`` makes the top block."""
+    bfp = cfg.MODEL.BFP
+    if bfp.REFINE_TYPE not in BalancedFeaturePyramid.REFINE_TYPES:
+        raise ValueError(
+            f"MODEL.BFP.REFINE_TYPE = {bfp.REFINE_TYPE!r} is not one of "
+            f"{BalancedFeaturePyramid.REFINE_TYPES}"
+        )
+    bottom_up = build_resnet_backbone(cfg, input_shape)
+    top_block = top_block_fn(bottom_up)
+    num_levels = len(cfg.MODEL.FPN.IN_FEATURES) + top_block.num_levels
+    check_range("MODEL.BFP.REFINE_LEVEL", bfp.REFINE_LEVEL, 0, num_levels, high_open=True)
+    return BalancedFPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=top_block,
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        refine_level=bfp.REFINE_LEVEL,
+        refine_type=bfp.REFINE_TYPE,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_resnet_bfp_backbone(cfg, input_shape: ShapeSpec):
+    """
+    The backbone of ``build_resnet_fpn_backbone`` (ResNet + FPN p2-p6) followed by the Balanced
+    Feature Pyramid over p2-p6 (``MODEL.BFP``).
+
+    Returns:
+        BalancedFPN: a detectron2 :class:`Backbone`.
+    """
+    return _build_resnet_bfp(cfg, input_shape, lambda bottom_up: LastLevelMaxPool())
+
+
+@BACKBONE_REGISTRY.register()
+def build_retinanet_resnet_bfp_backbone(cfg, input_shape: ShapeSpec):
+    """
+    The backbone of ``build_retinanet_resnet_fpn_backbone`` (ResNet + FPN p3-p7) followed by the
+    Balanced Feature Pyramid over p3-p7 (official Libra RetinaNet: refine level 1 = p4).
+
+    Returns:
+        BalancedFPN: a detectron2 :class:`Backbone`.
+    """
+    return _build_resnet_bfp(
+        cfg,
+        input_shape,
+        lambda bottom_up: LastLevelP6P7(
+            bottom_up.output_shape()["res5"].channels, cfg.MODEL.FPN.OUT_CHANNELS
+        ),
+    )

@@ -1,0 +1,119 @@
+"""Every YAML under configs/ loads with add_libra_config and builds its model; the COCO configs
+match detectron2's model zoo 1x schedule; the shapes configs run a training step."""
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from libra_d2.checks import load_config
+from libra_d2.modeling import BalancedFPN, IoUBalancedROIHeads
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ALL_CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if not p.name.startswith("Base-"))
+COCO_CONFIGS = [p for p in ALL_CONFIGS if p.parent.name == "COCO-Detection"]
+SHAPES_CONFIGS = [p for p in ALL_CONFIGS if p.parent.name == "libra_shapes"]
+
+
+def _cfg(path, *opts):
+    cfg = load_config(str(path), ["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def test_config_sets_are_complete():
+    names = {p.stem for p in COCO_CONFIGS}
+    for expected in (
+        "faster_rcnn_R_50_FPN_1x",
+        "libra_faster_rcnn_R_50_FPN_1x",
+        "libra_faster_rcnn_R_101_FPN_1x",
+        "libra_faster_rcnn_X_101_64x4d_FPN_1x",
+        "libra_faster_rcnn_R_50_FPN_1x_sampling_only",
+        "libra_faster_rcnn_R_50_FPN_1x_bfp_only",
+        "libra_faster_rcnn_R_50_FPN_1x_balanced_l1_only",
+    ):
+        assert expected in names
+    shapes = {p.stem for p in SHAPES_CONFIGS}
+    for suffix in ("", "_sampling_only", "_bfp_only", "_balanced_l1_only"):
+        assert f"libra_faster_rcnn_R_18_FPN{suffix}" in shapes
+    assert "faster_rcnn_R_18_FPN" in shapes
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_config_builds_its_model(path):
+    cfg = _cfg(path)
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    libra = "libra" in path.stem
+    only = path.stem.rsplit("_only", 1)[0] if path.stem.endswith("_only") else None
+    has_bfp = isinstance(model.backbone, BalancedFPN)
+    has_sampling = isinstance(model.roi_heads, IoUBalancedROIHeads)
+    has_bl1 = cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE == "balanced_l1"
+    if not libra:
+        assert (has_bfp, has_sampling, has_bl1) == (False, False, False)
+    elif only is None:
+        assert (has_bfp, has_sampling, has_bl1) == (True, True, True)
+    else:
+        expected = (only.endswith("bfp"), only.endswith("sampling"), only.endswith("balanced_l1"))
+        assert (has_bfp, has_sampling, has_bl1) == expected
+
+
+@pytest.mark.parametrize("path", COCO_CONFIGS, ids=lambda p: p.name)
+def test_coco_configs_follow_the_model_zoo_1x_schedule(path):
+    cfg = _cfg(path)
+    assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == ("coco_2017_val",)
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (90000, (60000, 80000))
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, 0.02)
+    if "_R_50_" in path.name:
+        assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+    if "_R_101_" in path.name:
+        assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-101.pkl"
+
+
+def test_libra_r50_config_has_the_official_settings():
+    cfg = _cfg(CONFIG_DIR / "COCO-Detection" / "libra_faster_rcnn_R_50_FPN_1x.yaml")
+    assert (cfg.MODEL.BFP.REFINE_LEVEL, cfg.MODEL.BFP.REFINE_TYPE) == (2, "non_local")
+    ib = cfg.MODEL.ROI_HEADS.IOU_BALANCED
+    assert (ib.NUM_BINS, ib.FLOOR_THR, ib.FLOOR_FRACTION, ib.INSTANCE_BALANCED_POS) == (
+        3,
+        -1.0,
+        0.0,
+        True,
+    )
+    assert cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 512
+    assert cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION == 0.25
+    bl1 = cfg.MODEL.ROI_BOX_HEAD.BALANCED_L1
+    assert (bl1.ALPHA, bl1.GAMMA, bl1.BETA) == (0.5, 1.5, 1.0)
+    assert tuple(cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS) == (10.0, 10.0, 5.0, 5.0)
+    # The RPN keeps detectron2's random sampler and smooth L1.
+    assert cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE == "smooth_l1"
+
+
+def _batch(n=2, size=96):
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for _ in range(n):
+        inst = Instances((size, size))
+        xy = torch.rand(3, 2, generator=g) * size * 0.6
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + 8 + torch.rand(3, 2, generator=g) * 30], 1))
+        inst.gt_classes = torch.randint(0, 6, (3,), generator=g)
+        image = torch.randint(0, 256, (3, size, size), generator=g).float()
+        batch.append({"image": image, "instances": inst, "height": size, "width": size})
+    return batch
+
+
+@pytest.mark.parametrize("path", SHAPES_CONFIGS, ids=lambda p: p.name)
+def test_shapes_configs_train_one_step_and_infer(path):
+    torch.manual_seed(0)
+    model = build_model(_cfg(path))
+    with EventStorage(0):
+        losses = model(_batch())
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        out = model(_batch(1))
+    assert out[0]["instances"].pred_boxes.tensor.shape[1] == 4

@@ -1,0 +1,251 @@
+"""Tests of the built-in ``libra_shapes`` dataset (libra_d2/data/shapes.py)."""
+
+import glob
+import json
+import multiprocessing
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from libra_d2.data import shapes
+from libra_d2.data.shapes import (
+    SHAPES_CLASSES,
+    ensure_shapes_dataset,
+    generate_shapes_split,
+    is_shapes_dataset,
+    register_libra_shapes,
+)
+
+SMALL = {"train": {"num_images": 6}, "val": {"num_images": 4}}
+
+
+def _read_all(split_dir):
+    """{relative path: bytes} of every file of a split."""
+    paths = glob.glob(os.path.join(split_dir, "**", "*"), recursive=True)
+    return {os.path.relpath(p, split_dir): open(p, "rb").read() for p in paths if os.path.isfile(p)}
+
+
+def _mtimes(split_dir):
+    paths = glob.glob(os.path.join(split_dir, "**", "*"), recursive=True)
+    return {p: os.stat(p).st_mtime_ns for p in paths}
+
+
+def _forbid_generation(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the cached split should have been reused")
+
+    monkeypatch.setattr(shapes, "generate_shapes_split", fail)
+
+
+def test_same_seed_gives_identical_files(tmp_path):
+    a = _read_all(os.path.dirname(generate_shapes_split(str(tmp_path / "a"), 6, seed=3)))
+    b_json = generate_shapes_split(str(tmp_path / "b"), 6, seed=3, num_workers=2)
+    b = _read_all(os.path.dirname(b_json))
+    c = _read_all(os.path.dirname(generate_shapes_split(str(tmp_path / "c"), 6, seed=4)))
+
+    assert len(a) == 6 + 2  # images, annotations.json, manifest.json
+    assert a == b  # also independent of the number of worker processes
+    assert a.keys() == c.keys()
+    assert a["annotations.json"] != c["annotations.json"]
+    images = [name for name in a if name.endswith(".png")]
+    assert all(a[name] != c[name] for name in images)
+    assert len({a[name] for name in images}) == len(images)  # images differ from each other
+
+
+def test_annotations_are_sane_and_load_with_detectron2(tmp_path):
+    from detectron2.data.datasets import load_coco_json
+
+    size = 224
+    json_file = generate_shapes_split(str(tmp_path / "s"), 12, seed=5, image_size=size)
+    coco = json.load(open(json_file))
+    assert [c["name"] for c in coco["categories"]] == SHAPES_CLASSES
+    assert [c["id"] for c in coco["categories"]] == list(range(1, len(SHAPES_CLASSES) + 1))
+    assert [im["id"] for im in coco["images"]] == list(range(1, 13))
+    for im in coco["images"]:
+        with Image.open(os.path.join(tmp_path, "s", "images", im["file_name"])) as image:
+            assert image.size == (im["width"], im["height"]) == (size, size)
+            assert image.mode == "RGB"
+
+    anns = coco["annotations"]
+    assert len(anns) >= 2 * len(coco["images"])
+    assert len({a["id"] for a in anns}) == len(anns)
+    assert len({a["category_id"] for a in anns}) >= 4
+    longest = []
+    for a in anns:
+        x, y, w, h = a["bbox"]
+        assert a["iscrowd"] == 0
+        assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= size and y + h <= size
+        assert 0 < a["area"] <= w * h
+        poly = np.array(a["segmentation"][0]).reshape(-1, 2)
+        assert np.all(poly.min(axis=0) >= [x - 1, y - 1])
+        assert np.all(poly.max(axis=0) <= [x + w + 1, y + h + 1])
+        longest.append(max(w, h))
+    assert min(longest) < 16 and max(longest) >= 0.3 * size  # small to large objects
+
+    dicts = load_coco_json(json_file, str(tmp_path / "s" / "images"))
+    assert len(dicts) == 12
+    assert sum(len(d["annotations"]) for d in dicts) == len(anns)
+    assert all(os.path.isfile(d["file_name"]) for d in dicts)
+
+
+def test_ensure_uses_detectron2_datasets_and_reuses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    paths = ensure_shapes_dataset(split_params=SMALL)
+    assert set(paths) == {"train", "val"}
+    for split, (json_file, image_root) in paths.items():
+        assert json_file == str(tmp_path / "libra_shapes" / split / "annotations.json")
+        assert image_root == str(tmp_path / "libra_shapes" / split / "images")
+        assert len(json.load(open(json_file))["images"]) == SMALL[split]["num_images"]
+    mtimes = _mtimes(str(tmp_path / "libra_shapes"))
+
+    _forbid_generation(monkeypatch)
+    time.sleep(0.01)
+    assert ensure_shapes_dataset(split_params=SMALL) == paths
+    assert _mtimes(str(tmp_path / "libra_shapes")) == mtimes
+
+
+def _delete_manifest(split_dir):
+    os.remove(os.path.join(split_dir, "manifest.json"))
+
+
+def _corrupt_manifest(split_dir):
+    with open(os.path.join(split_dir, "manifest.json"), "w") as f:
+        f.write('{"format_version": 1, "par')
+
+
+def _delete_image(split_dir):
+    os.remove(os.path.join(split_dir, "images", "000003.png"))
+
+
+def _truncate_image(split_dir):
+    path = os.path.join(split_dir, "images", "000003.png")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def _delete_annotations(split_dir):
+    os.remove(os.path.join(split_dir, "annotations.json"))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_delete_manifest, _corrupt_manifest, _delete_image, _truncate_image, _delete_annotations],
+)
+def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch, damage):
+    reference = _read_all(os.path.dirname(generate_shapes_split(str(tmp_path / "ref"), 6, seed=1)))
+    root = str(tmp_path / "root")
+    split_dir = os.path.join(root, "libra_shapes", "train")
+    ensure_shapes_dataset(root, splits=("train",), split_params=SMALL)
+    assert _read_all(split_dir) == reference
+    damage(split_dir)
+
+    calls = []
+    real_generate = shapes.generate_shapes_split
+    monkeypatch.setattr(
+        shapes, "generate_shapes_split", lambda *a, **k: calls.append(a) or real_generate(*a, **k)
+    )
+    ensure_shapes_dataset(root, splits=("train",), split_params=SMALL)
+    assert len(calls) == 1
+    assert _read_all(split_dir) == reference
+    assert os.listdir(os.path.dirname(split_dir)) == ["train"]  # no temporary directories left
+
+
+def test_split_with_other_parameters_is_regenerated(tmp_path):
+    root = str(tmp_path)
+    ensure_shapes_dataset(root, splits=("val",), split_params=SMALL)
+    json_file, _ = ensure_shapes_dataset(root, ("val",), {"val": {"num_images": 5}})["val"]
+    assert len(json.load(open(json_file))["images"]) == 5
+    json_file, _ = ensure_shapes_dataset(root, ("val",), {"val": {"num_images": 5, "seed": 9}})[
+        "val"
+    ]
+    assert json.load(open(json_file))["info"]["params"]["seed"] == 9
+
+
+def test_killed_generation_leaves_no_split_and_is_rebuilt(tmp_path, monkeypatch):
+    split_dir = str(tmp_path / "libra_shapes" / "train")
+    ctx = multiprocessing.get_context("fork")
+    kwargs = {"num_workers": 1}  # no orphaned worker processes once the generator is killed
+    proc = ctx.Process(target=generate_shapes_split, args=(split_dir, 1000, 1), kwargs=kwargs)
+    proc.start()
+    deadline = time.time() + 60
+    while len(glob.glob(split_dir + ".tmp-*/images/*.png")) < 3 and time.time() < deadline:
+        assert proc.is_alive()
+        time.sleep(0.02)
+    proc.kill()
+    proc.join()
+    assert glob.glob(split_dir + ".tmp-*/images/*.png"), "generation did not start"
+    assert not os.path.exists(split_dir)  # only complete splits are moved into place
+
+    # The same happens if an older, non-atomic writer left a half-written split in place.
+    os.makedirs(os.path.join(split_dir, "images"))
+    Image.new("RGB", (224, 224)).save(os.path.join(split_dir, "images", "000000.png"))
+    json_file, image_root = ensure_shapes_dataset(str(tmp_path), ("train",), SMALL)["train"]
+    assert len(json.load(open(json_file))["images"]) == 6
+    assert len(os.listdir(image_root)) == 6
+    _forbid_generation(monkeypatch)
+    ensure_shapes_dataset(str(tmp_path), ("train",), SMALL)
+
+
+def test_losing_the_rename_race_keeps_the_existing_split(tmp_path):
+    split_dir = str(tmp_path / "train")
+    generate_shapes_split(split_dir, 4, seed=7)
+    mtimes = _mtimes(split_dir)
+    time.sleep(0.01)
+    generate_shapes_split(split_dir, 4, seed=7)  # as if a second process finished later
+    assert _mtimes(split_dir) == mtimes
+    assert os.listdir(tmp_path) == ["train"]
+
+    generate_shapes_split(split_dir, 4, seed=8)  # an existing split of other parameters is replaced
+    manifest = json.load(open(os.path.join(split_dir, "manifest.json")))
+    assert manifest["params"]["seed"] == 8
+    assert os.listdir(tmp_path) == ["train"]
+
+
+def _ensure_small(root):
+    ensure_shapes_dataset(root, split_params=SMALL)
+
+
+def test_concurrent_generation_is_safe(tmp_path):
+    root = str(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_ensure_small, args=(root,)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert sorted(os.listdir(tmp_path / "libra_shapes")) == ["train", "val"]
+    reference = _read_all(os.path.dirname(generate_shapes_split(str(tmp_path / "ref"), 6, 1)))
+    assert _read_all(str(tmp_path / "libra_shapes" / "train")) == reference
+
+
+def test_registration(tmp_path):
+    import libra_d2.data  # noqa: F401  (registers the datasets)
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    for split in ("train", "val"):
+        name = f"libra_shapes_{split}"
+        assert name in DatasetCatalog.list()
+        meta = MetadataCatalog.get(name)
+        assert meta.evaluator_type == "coco"
+        assert meta.thing_classes == SHAPES_CLASSES
+        assert meta.json_file.endswith(os.path.join("libra_shapes", split, "annotations.json"))
+    register_libra_shapes()  # idempotent
+
+    # Loading a generated split under the registered name agrees with the preset thing_classes.
+    json_file, image_root = ensure_shapes_dataset(str(tmp_path), ("val",), SMALL)["val"]
+    dicts = load_coco_json(json_file, image_root, "libra_shapes_val")
+    assert len(dicts) == 4
+    assert MetadataCatalog.get("libra_shapes_val").thing_dataset_id_to_contiguous_id == {
+        i + 1: i for i in range(len(SHAPES_CLASSES))
+    }
+
+
+def test_is_shapes_dataset():
+    assert is_shapes_dataset("libra_shapes_train") and is_shapes_dataset("libra_shapes_val")
+    assert not is_shapes_dataset("coco_2017_val")
