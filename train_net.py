@@ -3,27 +3,67 @@
 Libra R-CNN training script, in detectron2's project idiom.
 
 Train (8 GPUs, COCO):
-    ./train_net.py --num-gpus 8 --config-file configs/COCO-Detection/libra_faster_rcnn_R_50_FPN_1x.yaml
+    ./train_net.py --num-gpus 8 \
+        --config-file configs/COCO-Detection/libra_faster_rcnn_R_50_FPN_1x.yaml
 Evaluate a checkpoint:
     ./train_net.py --eval-only --config-file <config> MODEL.WEIGHTS /path/to/model_final.pth
-CPU, built-in dataset:
-    ./train_net.py --config-file configs/libra_shapes/libra_faster_rcnn_R_18_FPN.yaml MODEL.DEVICE cpu
+CPU, built-in dataset (2 processes, Gloo):
+    ./train_net.py --num-gpus 2 --config-file configs/libra_shapes/libra_faster_rcnn_R_18_FPN.yaml
 """
+import logging
 import os
 import sys
+import weakref
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    default_argument_parser,
+    default_setup,
+    launch,
+)
 from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils.logger import setup_logger
 
-from libra_d2 import add_libra_config  # noqa: F401  (importing libra_d2 registers its modules)
+import libra_d2  # noqa: F401  (importing libra_d2 registers its modules and datasets)
+from libra_d2.checkpoint import LibraCheckpointer
 from libra_d2.checks import SetupError, load_config, preflight
 
 
 class Trainer(DefaultTrainer):
-    """detectron2's ``DefaultTrainer`` with COCO evaluation for COCO-format datasets."""
+    """
+    detectron2's ``DefaultTrainer`` with COCO evaluation for COCO-format datasets, a crash-safe
+    checkpointer (:class:`LibraCheckpointer`: atomic saves, no code execution on load) and
+    multi-process training that also works on CPU (Gloo).
+    """
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ builds the same objects in the same order, but hard-codes two
+        # things this trainer must change and offers no hook for: create_ddp_model(model) passes
+        # device_ids=[local_rank], which DistributedDataParallel rejects for a CPU model, and the
+        # checkpointer is a plain DetectionCheckpointer.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        ddp_kwargs = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = LibraCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -38,8 +78,8 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    """Create the config (detectron2 defaults + libra_d2 keys + file + overrides) and set up logging."""
-    cfg = load_config(args.config_file, args.opts)  # get_cfg() + add_libra_config(cfg) + merges
+    """Build the config (detectron2 defaults + libra_d2 keys + file + overrides), set up logging."""
+    cfg = load_config(args.config_file, args.opts)  # get_cfg(), add_libra_config(cfg), merges
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -49,7 +89,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        LibraCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

@@ -7,13 +7,13 @@ a traceback from deep inside a worker.
 """
 import logging
 import os
-import pickle
 
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
+from .checkpoint import safe_load_pickle
 from .config import add_libra_config
 from .data.shapes import ensure_shapes_dataset, is_shapes_dataset
 
@@ -91,8 +91,7 @@ def check_weights(path):
         raise SetupError(f"MODEL.WEIGHTS '{path}' does not exist")
     try:
         if path.endswith(".pkl"):
-            with open(path, "rb") as f:
-                pickle.load(f, encoding="latin1")
+            safe_load_pickle(path)
         else:
             torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any failure to read it means the file is unusable

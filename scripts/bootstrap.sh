@@ -41,7 +41,7 @@ pip_install "${C[@]}" torch torchvision numpy
 # can use --no-deps and never touch torch.
 pip_install "${C[@]}" "Pillow>=7.1" matplotlib "pycocotools>=2.0.2" "termcolor>=1.1" \
   "yacs>=0.1.8" tabulate cloudpickle tqdm tensorboard "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" \
-  "omegaconf>=2.1" "hydra-core>=1.1" black packaging pytest
+  "omegaconf>=2.1" "hydra-core>=1.1" black packaging opencv-python-headless pytest ruff
 
 if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   path=""

@@ -6,6 +6,7 @@ from .bfp import (
     build_resnet_bfp_backbone,
     build_retinanet_resnet_bfp_backbone,
 )
+from .retinanet import LibraRetinaNet
 from .roi_heads import ROI_BOX_PREDICTOR_REGISTRY, IoUBalancedROIHeads, LibraROIHeads
 from .sampling import iou_balanced_subsample
 

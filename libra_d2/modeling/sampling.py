@@ -60,14 +60,18 @@ def iou_balanced_subsample(
       half-to-even), drawn at random; a shortfall is filled at random from the remaining
       positives and an overshoot is trimmed at random.
 
-    Implementation: the candidates are put in a random order and each gets its rank inside its
-    group in that order -- group = IoU bin (or the floor set) for negatives, matched ground-truth
-    index for positives -- by a cumulative sum over a one-hot table (few groups) or a sort by
-    (group, random key). Those with ``rank < cap(group)`` are *primary*. One ``topk`` over
-    ``fresh random key + tier`` (tier 0 for primary candidates, 1 or 2 for the fill pools in the
-    order the official code fills them) then picks exactly the requested number. There is no
-    Python loop over proposals or bins, and host synchronisation happens only where
-    ``subsample_labels`` has it too (the two ``nonzero`` calls that size the outputs).
+    Implementation: the candidates are shuffled once (``randperm``) and each gets its 1-based
+    rank inside its group in that order -- group = IoU bin (or the floor set) for negatives,
+    matched ground truth for positives -- from one cumulative sum of per-group counters packed
+    into an int64 (a few groups; one-hot cumsum if the counters would not fit) or from a sort
+    (positives, whose number of ground truths is not known on the host). Candidates with
+    ``rank <= cap(group)`` are *primary*: a uniformly random subset of ``min(cap, size)`` members
+    of each group. A single ``topk`` over ``fresh uniform key + tier`` (tier 0 for primary
+    candidates, 1 or 2 for the fill pools in the order the official code fills them) then picks
+    exactly the requested number, so every fill is uniformly random. This draws from the same
+    distribution as the official per-bin loops. There is no Python loop over proposals or bins,
+    and no host synchronisation beyond the two ``nonzero`` calls that ``subsample_labels`` makes
+    too (they size the outputs).
 
     Differences from the official code (deliberate):
 
@@ -82,9 +86,13 @@ def iou_balanced_subsample(
     * Positives: exactly ``min(q, #positives)`` distinct indices. The official fill step builds
       Python sets of 0-d tensors (hashed by identity), so it can pick duplicates that are later
       dropped, returning fewer positives than the quota.
-    * Bin membership is computed as ``floor((iou - lo) / width)``, which can differ from the
-      official ``lo + i * width <= iou`` comparisons for an IoU within rounding error of a bin
-      edge.
+    * Bin membership is computed as ``floor((iou - lo) * num_bins / (max - lo))``, which can
+      differ from the official ``lo + i * width <= iou`` comparisons for an IoU within rounding
+      error of a bin edge.
+    * ``floor_fraction`` is honoured even when ``floor_thr < 0`` (the IoU-balanced part then gets
+      ``int(q * (1 - floor_fraction))`` and the rest is a uniform fill), as in the official code;
+      the official constructor rejects ``floor_thr`` values other than -1 below 0, this function
+      treats any negative ``floor_thr`` as "no floor".
 
     Args:
         labels (Tensor): int64 [N]; class of each proposal, ``bg_label`` for background,
@@ -99,8 +107,11 @@ def iou_balanced_subsample(
         num_bins (int): number of IoU bins for the negatives (>= 1; 1 means random sampling
             above the floor).
         floor_thr (float): IoU threshold of the floor set; negative (official -1) disables it.
-        floor_fraction (float): fraction of the negative quota drawn from the floor set, in
-            [0, 1]; ignored in effect when ``floor_thr < 0``.
+        floor_fraction (float): share of the negative quota left to the floor set, in [0, 1]:
+            the IoU-balanced part gets ``int(q * (1 - floor_fraction))``, so the floor part is
+            ``q - int(q * (1 - floor_fraction))`` (official rounding; one more than
+            ``int(q * floor_fraction)`` for some q). With ``floor_thr < 0`` there is no floor
+            set and that share is a uniform fill.
         instance_balanced_pos (bool): balance positives across ground-truth objects; if False
             they are drawn uniformly at random.
         generator (torch.Generator, optional): random generator on the input's device; the
@@ -151,12 +162,10 @@ def _instance_balanced_positives(
     perm = torch.randperm(positive.numel(), device=positive.device, generator=generator)
     cand = positive.index_select(0, perm)
     # The number of ground truths is unknown on the host: rank by sorting (few candidates).
-    rank = _rank_within_groups(matched_idxs.index_select(0, cand), None)
-    # Each group has exactly one member of rank 0, so this counts the distinct ground truths.
-    num_gt = (rank == 0).sum()
-    # torch.round rounds half to even, like the official Python round(); float64 like Python.
-    cap = torch.round(k / num_gt.to(torch.float64)) + 1
-    return cand.index_select(0, _tiered_topk([rank >= cap], k, generator))
+    order, rank, num_gt = _rank_within_sorted_groups(matched_idxs.index_select(0, cand))
+    # rank < round(k / G) + 1, with round-half-to-even in float64 like the official Python round().
+    non_primary = rank > torch.div(k, num_gt.to(torch.float64)).round_()
+    return cand.index_select(0, order.index_select(0, _tiered_topk([non_primary], k, generator)))
 
 
 def _iou_balanced_negatives(
@@ -182,74 +191,93 @@ def _iou_balanced_negatives(
     ious = max_ious.index_select(0, cand)
     # Bins over [lo, max IoU of all proposals): bin = floor((iou - lo) / width), clamped to
     # [0, num_bins - 1]. clamp_min avoids 0/0 for an empty range; every IoU-sampling negative then
-    # lands in one bin (ious <= max <= lo).
-    lo = max(floor_thr, 0.0)
-    range_ = max_ious.max() - lo if lo > 0 else max_ious.max()
-    scaled = (ious - lo if lo > 0 else ious) * num_bins
-    group = scaled.div_(range_.clamp_min(1e-12)).clamp_(0, num_bins - 1).to(torch.int64)
+    # lands in one bin (its ious are all equal to max <= lo).
+    if floor_thr > 0:
+        bins_per_iou = torch.div(num_bins, (max_ious.max() - floor_thr).clamp_min(1e-12))
+        scaled = (ious - floor_thr).mul_(bins_per_iou)
+    else:
+        scaled = ious * torch.div(num_bins, max_ious.max().clamp_min(1e-12))
+    group = scaled.clamp_(0, num_bins - 1).to(torch.int64)
     num_balanced = int(k * (1 - floor_fraction))  # official: int(num_expected * (1 - fraction))
     bin_cap = int(num_balanced / num_bins)
 
     if floor_thr < 0:
-        rank = _rank_within_groups(group, num_bins)
-        return cand.index_select(0, _tiered_topk([rank >= bin_cap], k, generator))
+        non_primary = _count_within_groups(group, num_bins) > bin_cap
+        return cand.index_select(0, _tiered_topk([non_primary], k, generator))
 
     in_floor = ious == 0 if floor_thr == 0 else ious < floor_thr
     # The floor set is group `num_bins`; its cap is what the IoU-sampling set leaves of k.
     group = torch.where(in_floor, num_bins, group)
     caps = torch.full((num_bins + 1,), bin_cap, dtype=torch.int64, device=negative.device)
     caps[num_bins] = k - (num_cand - in_floor.sum()).clamp(max=num_balanced)
-    non_primary = _rank_within_groups(group, num_bins + 1) >= caps.index_select(0, group)
+    non_primary = _count_within_groups(group, num_bins + 1) > caps.index_select(0, group)
     # Fill order: IoU-sampling leftovers (tier 1) before floor leftovers (tier 2).
     tiers = [non_primary, non_primary & in_floor]
     return cand.index_select(0, _tiered_topk(tiers, k, generator))
 
 
-def _rank_within_groups(group: torch.Tensor, num_groups: Optional[int]) -> torch.Tensor:
+def _count_within_groups(group: torch.Tensor, num_groups: int) -> torch.Tensor:
     """
-    Rank of each candidate inside its group, in the order given.
+    1-based rank of each candidate inside its group, in the order given.
 
-    The callers shuffle the candidates first, so that ``rank < cap`` keeps a uniformly random
+    The callers shuffle the candidates first, so that ``count <= cap`` keeps a uniformly random
     subset of ``min(cap, size)`` members of each group.
 
     Args:
-        group (Tensor): int64 [M], non-negative group id of each candidate.
-        num_groups (int or None): if given, the ids are < num_groups, and the ranks come from a
-            single cumulative sum (no sort; meant for a few groups); if None, from a stable sort.
+        group (Tensor): int64 [M], group id of each candidate, in [0, num_groups).
+        num_groups (int): number of groups (a few).
 
     Returns:
-        Tensor: int64 [M], ``rank[i] = #{j < i : group[j] == group[i]}``.
+        Tensor: int64 [M], ``count[i] = #{j <= i : group[j] == group[i]}``.
     """
-    m = group.numel()
-    device = group.device
-    if num_groups is not None:
-        bits = 63 // num_groups
-        if m < (1 << bits):
-            # One `bits`-wide counter per group packed into an int64 (group g in bits
-            # [g * bits, (g + 1) * bits)): a single 1-D cumsum counts every group at once.
-            shift = group * bits
-            counts = torch.bitwise_left_shift(1, shift).cumsum_(0)
-            return (counts >> shift).bitwise_and_((1 << bits) - 1).sub_(1)
-        one_hot = group[:, None] == torch.arange(num_groups, device=device)
-        return one_hot.cumsum(0).gather(1, group[:, None]).squeeze(1).sub_(1)
+    bits = 63 // num_groups
+    if group.numel() < (1 << bits):
+        # One `bits`-wide counter per group packed into an int64 (group g in bits
+        # [g * bits, (g + 1) * bits)): a single 1-D cumsum counts every group at once.
+        shift = group.mul(bits)
+        counts = torch.bitwise_left_shift(1, shift).cumsum_(0)
+        return (counts >> shift).bitwise_and_((1 << bits) - 1)
+    one_hot = group[:, None] == torch.arange(num_groups, device=group.device)
+    return one_hot.cumsum(0).gather(1, group[:, None]).squeeze(1)
+
+
+def _rank_within_sorted_groups(
+    group: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Like :func:`_count_within_groups` for any number of groups (ids not known on the host), by
+    sorting the candidates by (group, position).
+
+    Args:
+        group (Tensor): int64 [M], non-negative group id of each candidate.
+
+    Returns:
+        order (Tensor): int64 [M], the candidates sorted by (group, position).
+        rank (Tensor): int64 [M], aligned with ``order``: 0-based rank of ``order[j]`` inside its
+            group, i.e. ``#{i < order[j] : group[i] == group[order[j]]}``.
+        num_groups (Tensor): int64 scalar, the number of distinct ids.
+    """
     sorted_group, order = torch.sort(group, stable=True)
-    position = torch.arange(m, device=device)
+    position = torch.arange(group.numel(), device=group.device)
     is_first = torch.ones_like(sorted_group, dtype=torch.bool)
-    is_first[1:] = sorted_group[1:] != sorted_group[:-1]
+    torch.ne(sorted_group[1:], sorted_group[:-1], out=is_first[1:])
+    # (torch.searchsorted(sorted_group, sorted_group) would give first_of_group in one call, but
+    # it is pathologically slow on CPU with several OpenMP threads.)
     first_of_group = torch.where(is_first, position, 0).cummax(0).values
-    return torch.empty_like(position).scatter_(0, order, position - first_of_group)
+    return order, position - first_of_group, is_first.count_nonzero()
 
 
 def _tiered_topk(
     tiers: List[torch.Tensor], k: int, generator: Optional[torch.Generator]
 ) -> torch.Tensor:
     """
-    Positions of ``k`` candidates, taking them in increasing tier (the sum of the ``tiers``
-    masks; tier 0 = primary), uniformly at random inside a tier: a random subset of the primary
-    candidates if there are more than ``k``, otherwise all of them and random fills.
+    Positions of ``k`` candidates, taken in increasing tier (a candidate's tier is the number of
+    ``tiers`` masks it is in; tier 0 = primary) and uniformly at random inside a tier: a random
+    subset of the primary candidates if there are more than ``k``, otherwise all of them and
+    random fills.
 
     Args:
-        tiers (list[Tensor]): bool [M] masks; a candidate's tier is how many of them it is in.
+        tiers (list[Tensor]): bool [M] masks.
         k (int): number to pick, ``k <= M``.
         generator (torch.Generator, optional): random generator.
 
@@ -257,7 +285,7 @@ def _tiered_topk(
         Tensor: int64 [k], distinct positions into the M candidates.
     """
     # A fresh key in [0, 1), independent of how the tiers were drawn, makes each fill uniform.
-    score = torch.rand(tiers[0].shape, generator=generator, device=tiers[0].device)
+    score = torch.rand(tiers[0].numel(), generator=generator, device=tiers[0].device)
     for tier in tiers:
         score += tier
     return torch.topk(score, k, largest=False, sorted=False).indices

@@ -1,0 +1,131 @@
+"""Checkpoints you can trust: no code execution on load, atomic saves, resume after SIGKILL."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from libra_d2.checkpoint import LibraCheckpointer, UnsafeCheckpointError, atomic_open
+from libra_d2.checks import SetupError, check_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRA_SHAPES = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".pth"])
+def test_crafted_pickle_is_refused_without_running_it(tmp_path, suffix):
+    marker = tmp_path / "pwned"
+    path = tmp_path / f"evil{suffix}"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"0.weight": _Payload(marker)}, "__author__": "x"}, f)
+    with pytest.raises((UnsafeCheckpointError, pickle.UnpicklingError)):
+        LibraCheckpointer(_model()).load(str(path))
+    with pytest.raises(SetupError, match="not a readable checkpoint"):
+        check_weights(str(path))
+    assert not marker.exists()
+
+
+def test_detectron2_pkl_and_own_pth_still_load(tmp_path):
+    ref = _model()
+    # detectron2 model-zoo format: {"model": {name: ndarray}, "__author__": ...}
+    pkl = tmp_path / "weights.pkl"
+    with open(pkl, "wb") as f:
+        arrays = {k: v.numpy() for k, v in ref.state_dict().items()}
+        pickle.dump({"model": arrays, "__author__": "test"}, f)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    LibraCheckpointer(model).load(str(pkl))
+    torch.testing.assert_close(model[0].weight, ref[0].weight)
+    # ImageNet-style (Caffe2) .pkl: a flat dict of arrays with detectron2's name heuristics.
+    flat = tmp_path / "flat.pkl"
+    with open(flat, "wb") as f:
+        pickle.dump({"conv_w": np.ones((4, 3, 3, 3), dtype=np.float32)}, f)
+    check_weights(str(flat))
+    # Our own checkpoints (.pth with model + iteration + optimizer state).
+    ckpt = LibraCheckpointer(ref, save_dir=str(tmp_path), optimizer=torch.optim.SGD(ref.parameters(), 0.1))
+    ckpt.save("model_0000009", iteration=9)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    model = _model()
+    nn.init.zeros_(model[0].weight)
+    extra = LibraCheckpointer(model).load(str(tmp_path / "model_0000009.pth"))
+    assert extra["iteration"] == 9
+    torch.testing.assert_close(model[0].weight, ref[0].weight)
+    check_weights(str(tmp_path / "model_0000009.pth"))
+
+
+def test_atomic_open_leaves_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(str(path)) as f:
+            f.write(b"half")
+            raise RuntimeError("killed")
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]  # no temporary file left behind
+    with atomic_open(str(path)) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new"
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_save_then_resume(shapes_dataset, tmp_path):
+    """Kill a real training process while it writes a checkpoint, then --resume it."""
+    out = tmp_path / "run"
+    opts = [
+        "SOLVER.IMS_PER_BATCH", "1", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_ITERS", "1",
+        "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
+        "DATASETS.TEST", "()", "OUTPUT_DIR", str(out),
+    ]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "train_net.py"), "--config-file", LIBRA_SHAPES]
+    proc = subprocess.Popen(cmd + opts + ["SOLVER.MAX_ITER", "200"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    killed_mid_save = False
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            saves_done = (out / "last_checkpoint").exists()
+            if saves_done and any(out.glob("*.pth.tmp.*")):
+                proc.send_signal(signal.SIGKILL)  # a checkpoint is being written right now
+                killed_mid_save = True
+                break
+            time.sleep(0.002)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert killed_mid_save, "the training process never reached a second checkpoint save"
+
+    last = (out / "last_checkpoint").read_text().strip()
+    state = torch.load(out / last, map_location="cpu", weights_only=True)  # complete and loadable
+    done = state["iteration"]
+    assert last == f"model_{done:07d}.pth"
+
+    # Resume: it must continue at done + 1 and stop at MAX_ITER.
+    resume = cmd[:2] + ["--resume"] + cmd[2:] + opts + ["SOLVER.MAX_ITER", str(done + 3)]
+    subprocess.run(resume, cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    iterations = [r["iteration"] for r in records if "total_loss" in r]
+    assert iterations[-1] == done + 2
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    assert final["iteration"] == done + 2

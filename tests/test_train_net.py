@@ -1,0 +1,137 @@
+"""train_net.py end to end on the shapes dataset: training through Trainer, the --eval-only round
+trip, --resume, and one-line errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_net
+from libra_d2.checks import SetupError, preflight
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRA_SHAPES = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
+
+
+def _args(*argv):
+    return train_net.default_argument_parser().parse_args(list(argv))
+
+
+def _short_run_opts(tiny_val, output_dir, max_iter=3):
+    return [
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", str(max_iter),
+        "SOLVER.CHECKPOINT_PERIOD", "2",
+        "SOLVER.WARMUP_ITERS", "1",
+        "DATALOADER.NUM_WORKERS", "0",
+        "DATASETS.TEST", f"('{tiny_val}',)",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # an untrained model still outputs boxes
+        "OUTPUT_DIR", str(output_dir),
+    ]  # fmt: skip
+
+
+def _metrics(output_dir):
+    return [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_dataset, tiny_val, tmp_path_factory):
+    """A 3-iteration Libra R-CNN run through train_net.main: (output_dir, its final bbox eval)."""
+    out = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    train_net.main(_args("--config-file", LIBRA_SHAPES, *_short_run_opts(tiny_val, out)))
+    (final_eval,) = [r for r in _metrics(out) if "bbox/AP" in r]
+    return out, {k[len("bbox/") :]: v for k, v in final_eval.items() if k.startswith("bbox/")}
+
+
+def test_training_leaves_metrics_events_and_checkpoint(trained):
+    out, results = trained
+    assert (out / "model_final.pth").is_file()
+    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+    assert list(out.glob("events.out.tfevents.*"))
+    train_records = [r for r in _metrics(out) if "total_loss" in r]
+    assert train_records[-1]["iteration"] == 2
+    for r in train_records:
+        for k in ("loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"):
+            assert k in r and r[k] == r[k] and abs(r[k]) < 1e6  # finite
+        assert "roi_head/neg_mean_iou" in r  # IoU-balanced ROI heads are in use
+    assert set(results) >= {"AP", "AP50", "AP75"}
+
+
+def test_eval_only_reproduces_the_final_evaluation(trained, tiny_val, tmp_path):
+    out, results = trained
+    res = train_net.main(
+        _args(
+            "--eval-only",
+            "--config-file", LIBRA_SHAPES,
+            "MODEL.WEIGHTS", str(out / "model_final.pth"),
+            "DATASETS.TEST", f"('{tiny_val}',)",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+            "OUTPUT_DIR", str(tmp_path),
+        )
+    )  # fmt: skip
+    assert res["bbox"] == pytest.approx(results, nan_ok=True)
+    # Not only the AP: the detections themselves are identical.
+    before = json.loads((out / "inference" / "coco_instances_results.json").read_text())
+    after = json.loads((tmp_path / "inference" / "coco_instances_results.json").read_text())
+    assert len(before) > 0 and before == after
+
+
+def test_resume_continues_from_the_last_checkpoint(trained, tiny_val, tmp_path):
+    out, _ = trained
+    # Copy the run, then resume it to 5 iterations: it must restart at iteration 3, not 0.
+    for name in ("model_final.pth", "last_checkpoint"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    train_net.main(
+        _args("--resume", "--config-file", LIBRA_SHAPES, *_short_run_opts(tiny_val, tmp_path, 5))
+    )
+    iterations = [r["iteration"] for r in _metrics(tmp_path) if "total_loss" in r]
+    assert iterations[0] >= 3 and iterations[-1] == 4
+
+
+# ------------------------------------------------------------------------- one-line errors
+def test_unknown_key_in_yaml_names_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{LIBRA_SHAPES}"\nMODEL:\n  BFP:\n    REFINE_LEVELS: 2\n')
+    with pytest.raises(SetupError, match=r"bad\.yaml.*MODEL\.BFP\.REFINE_LEVELS"):
+        preflight(str(bad))
+
+
+def test_unregistered_dataset_is_named():
+    with pytest.raises(SetupError, match="dataset 'my_dataset' is not registered"):
+        preflight(LIBRA_SHAPES, ["DATASETS.TRAIN", "('my_dataset',)"])
+
+
+def test_missing_coco_folder_names_path_and_env_var():
+    with pytest.raises(SetupError, match=r"coco_2017_val.*instances_val2017\.json.*DETECTRON2_DATASETS"):
+        preflight(LIBRA_SHAPES, ["DATASETS.TEST", "('coco_2017_val',)"])
+
+
+def test_missing_and_corrupt_weights(tmp_path):
+    with pytest.raises(SetupError, match=r"MODEL\.WEIGHTS '.*nope\.pth' does not exist"):
+        preflight(LIBRA_SHAPES, ["MODEL.WEIGHTS", str(tmp_path / "nope.pth")])
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(SetupError, match=r"MODEL\.WEIGHTS '.*corrupt\.pth' is not a readable"):
+        preflight(LIBRA_SHAPES, ["MODEL.WEIGHTS", str(corrupt)])
+
+
+def test_invalid_libra_value_fails_before_training():
+    with pytest.raises(SetupError, match=r"MODEL\.ROI_HEADS\.IOU_BALANCED\.NUM_BINS"):
+        preflight(LIBRA_SHAPES, ["MODEL.ROI_HEADS.IOU_BALANCED.NUM_BINS", "0"])
+
+
+def test_cli_prints_one_line_error_without_traceback(tmp_path):
+    env = {**os.environ, "DETECTRON2_DATASETS": os.environ["DETECTRON2_DATASETS"]}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_net.py"), "--config-file", LIBRA_SHAPES,
+         "MODEL.WEIGHTS", str(tmp_path / "missing.pth")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_net.py: error: MODEL.WEIGHTS") and "missing.pth" in last
