@@ -13,6 +13,7 @@ Images are read by detectron2's test loader (test-time resize, no flip); each im
 of the dataset is covered, including those without annotations. ``--num-gpus N`` shards the images
 over N processes; the main process writes the file (atomically).
 """
+
 import argparse
 import logging
 import sys

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """libra_d2: Libra R-CNN (Pang et al., CVPR 2019) as a detectron2 project extension.
 
-Dependencies are kept loose so that users on any CUDA build of torch can ``pip install -e .`` next to
-their existing detectron2; ``constraints.txt`` pins the versions verified on the project's machines.
+Dependencies are kept loose so that users on any CUDA build of torch can ``pip install -e .``
+next to their existing detectron2; ``constraints.txt`` pins the versions verified here.
 detectron2 itself is not on PyPI and is therefore not listed: install it first (see README).
 """
 from setuptools import find_packages, setup

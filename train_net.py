@@ -10,6 +10,7 @@ Evaluate a checkpoint:
 CPU, built-in dataset (2 processes, Gloo):
     ./train_net.py --num-gpus 2 --config-file configs/libra_shapes/libra_faster_rcnn_R_18_FPN.yaml
 """
+
 import logging
 import os
 import sys

@@ -927,11 +927,15 @@ def main(argv=None):
             params=sum(p.numel() for p in model.parameters()),
             train=summarize(train_times[name]),
             inference=summarize(infer_times[name]),
+            train_times_ms=[t * 1e3 for t in train_times[name]],
+            inference_times_ms=[t * 1e3 for t in infer_times[name]],
         )
         if not args.skip_flops:
             row["flops"] = model_flops(model, infer_inputs[0])
         rows.append(row)
     benches.clear()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     if not args.skip_flops:
         print("FLOPs counted", flush=True)
 

@@ -31,7 +31,6 @@ import time
 
 import numpy as np
 import torch
-
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.sampling import subsample_labels
 from detectron2.structures import Boxes, pairwise_iou

@@ -8,6 +8,7 @@
   to a temporary file in the same folder, flushed to disk and renamed into place, so a process
   killed at any moment leaves the previous checkpoint and ``last_checkpoint`` intact.
 """
+
 import contextlib
 import io
 import os

@@ -5,7 +5,10 @@ bad config key, an unregistered dataset, a missing COCO folder or a missing/corr
 ``MODEL.WEIGHTS`` file is reported as one line that names the culprit and what to do, instead of
 a traceback from deep inside a worker.
 """
+
+import json
 import logging
+import math
 import os
 
 import torch
@@ -15,6 +18,7 @@ from detectron2.modeling import build_model
 
 from .checkpoint import safe_load_pickle
 from .config import add_libra_config
+from .data.proposals import check_proposal_files
 from .data.shapes import ensure_shapes_dataset, is_shapes_dataset
 
 logger = logging.getLogger(__name__)
@@ -75,6 +79,65 @@ def check_datasets(cfg):
                     "or set DETECTRON2_DATASETS to the folder that holds it "
                     f"(now: '{os.environ.get('DETECTRON2_DATASETS', 'datasets')}')"
                 )
+        if getattr(meta, "evaluator_type", None) == "coco" and hasattr(meta, "json_file"):
+            check_coco_json(meta.json_file, meta.image_root, name)
+
+
+def check_coco_json(json_file, image_root, dataset_name):
+    """
+    Check a COCO instances file before training: every image file exists, every annotation
+    belongs to a listed image and category and has a well-formed ``[x, y, w, h]`` box.
+
+    Raises:
+        SetupError: naming the file and the first bad entry (image id / annotation id).
+    """
+    where = f"dataset '{dataset_name}' ({json_file})"
+    try:
+        with open(json_file) as f:
+            coco = json.load(f)
+        images, annotations = coco["images"], coco.get("annotations", [])
+        category_ids = {c["id"] for c in coco["categories"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise SetupError(f"{where}: not a COCO instances file ({type(e).__name__}: {e})")
+    image_ids = set()
+    for im in images:
+        path = os.path.join(image_root, im.get("file_name", ""))
+        if not os.path.isfile(path):
+            raise SetupError(f"{where}: image id {im.get('id')}: file '{path}' does not exist")
+        image_ids.add(im.get("id"))
+    for ann in annotations:
+        entry = f"{where}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"
+        if ann.get("image_id") not in image_ids:
+            raise SetupError(f"{entry}: its image_id is not in 'images'")
+        if ann.get("category_id") not in category_ids:
+            raise SetupError(
+                f"{entry}: unknown category_id {ann.get('category_id')!r}; "
+                f"the file's categories are {sorted(category_ids)}"
+            )
+        box = ann.get("bbox")
+        ok = isinstance(box, (list, tuple)) and len(box) == 4
+        ok = ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+        if not ok or box[2] < 0 or box[3] < 0:
+            raise SetupError(f"{entry}: malformed bbox {box!r}; expected [x, y, w >= 0, h >= 0]")
+
+
+def check_proposals(cfg):
+    """
+    With ``MODEL.LOAD_PROPOSALS`` (Fast R-CNN), check that every train/test dataset has a local
+    proposal file covering all of its images. Remote files (``detectron2://...``) are left to
+    detectron2's loader.
+
+    Raises:
+        SetupError: naming the config key or the file and the first image id it lacks.
+    """
+    files = list(cfg.DATASETS.PROPOSAL_FILES_TRAIN) + list(cfg.DATASETS.PROPOSAL_FILES_TEST)
+    if any("://" in f for f in files):
+        logger.info("Not checking remote proposal files before training: %s", files)
+        return
+    try:
+        check_proposal_files(cfg)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
 
 
 def check_weights(path):
@@ -121,6 +184,7 @@ def preflight(config_file, opts=()):
     """Run every check above on the config that ``train_net.py`` will use; return that config."""
     cfg = load_config(config_file, opts)
     check_datasets(cfg)
+    check_proposals(cfg)
     check_weights(cfg.MODEL.WEIGHTS)
     check_model(cfg)
     return cfg

@@ -3,6 +3,7 @@
 Call :func:`add_libra_config` on a detectron2 config (``get_cfg()``) before merging a libra_d2 YAML.
 It only adds keys to the config passed in; detectron2's global defaults are never touched.
 """
+
 from detectron2.config import CfgNode as CN
 
 
@@ -19,7 +20,8 @@ def add_libra_config(cfg):
     _C.MODEL.ROI_HEADS.IOU_BALANCED = CN()
     # Number of equal-width IoU bins the negatives are drawn from evenly (paper: K = 3).
     _C.MODEL.ROI_HEADS.IOU_BALANCED.NUM_BINS = 3
-    # -1: every negative takes part in the IoU bins; in [0, 1): negatives below it are drawn at random.
+    # -1: every negative takes part in the IoU bins; in [0, 1): negatives below it are drawn
+    # at random for a FLOOR_FRACTION share of the quota.
     _C.MODEL.ROI_HEADS.IOU_BALANCED.FLOOR_THR = -1.0
     # Share of the negative quota drawn at random below FLOOR_THR (used only when FLOOR_THR >= 0).
     _C.MODEL.ROI_HEADS.IOU_BALANCED.FLOOR_FRACTION = 0.0
@@ -44,11 +46,13 @@ def add_libra_config(cfg):
     # beta: boundary between inliers and outliers, in units of the (weighted) box deltas.
     _C.MODEL.ROI_BOX_HEAD.BALANCED_L1.BETA = 1.0
 
-    # ---- Libra RetinaNet: balanced L1 for the dense box regression (BBOX_REG_LOSS_TYPE "balanced_l1") ----
+    # ---- Libra RetinaNet (META_ARCHITECTURE "LibraRetinaNet"): balanced L1 box regression ----
     _C.MODEL.RETINANET.BALANCED_L1 = CN()
-    # Same meaning as MODEL.ROI_BOX_HEAD.BALANCED_L1; official RetinaNet setting beta = 0.11.
+    # alpha, gamma, beta: as MODEL.ROI_BOX_HEAD.BALANCED_L1 (official RetinaNet: beta = 0.11).
     _C.MODEL.RETINANET.BALANCED_L1.ALPHA = 0.5
+    # gamma: gradient of the outliers (|x| >= beta).
     _C.MODEL.RETINANET.BALANCED_L1.GAMMA = 1.5
+    # beta: inlier/outlier boundary in box-delta units (value continuous there, gradient not).
     _C.MODEL.RETINANET.BALANCED_L1.BETA = 0.11
 
     return cfg

@@ -1,5 +1,6 @@
 """Shared fixtures. The shapes dataset is cached under the repository's ``datasets/`` folder
-(git-ignored) unless ``DETECTRON2_DATASETS`` says otherwise, so it is generated once per checkout."""
+(git-ignored) unless ``DETECTRON2_DATASETS`` says otherwise: it is generated once per checkout."""
+
 import json
 import os
 import sys
@@ -11,9 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DETECTRON2_DATASETS", str(ROOT / "datasets"))
 sys.path.insert(0, str(ROOT))  # train_net.py lives at the repository root
 
-import libra_d2  # noqa: E402  (registers libra_shapes_* under the path set above)
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
+
+import libra_d2  # noqa: E402  (registers libra_shapes_* under the path set above)
 
 TINY_VAL = "libra_shapes_val_tiny"
 

@@ -1,4 +1,5 @@
 """Checkpoints you can trust: no code execution on load, atomic saves, resume after SIGKILL."""
+
 import json
 import os
 import pickle
@@ -64,7 +65,9 @@ def test_detectron2_pkl_and_own_pth_still_load(tmp_path):
         pickle.dump({"conv_w": np.ones((4, 3, 3, 3), dtype=np.float32)}, f)
     check_weights(str(flat))
     # Our own checkpoints (.pth with model + iteration + optimizer state).
-    ckpt = LibraCheckpointer(ref, save_dir=str(tmp_path), optimizer=torch.optim.SGD(ref.parameters(), 0.1))
+    ckpt = LibraCheckpointer(
+        ref, save_dir=str(tmp_path), optimizer=torch.optim.SGD(ref.parameters(), 0.1)
+    )
     ckpt.save("model_0000009", iteration=9)
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
     model = _model()
@@ -95,8 +98,8 @@ def test_sigkill_during_checkpoint_save_then_resume(shapes_dataset, tmp_path):
     out = tmp_path / "run"
     opts = [
         "SOLVER.IMS_PER_BATCH", "1", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_ITERS", "1",
-        "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
-        "DATASETS.TEST", "()", "OUTPUT_DIR", str(out),
+        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(out),
+        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
     ]  # fmt: skip
     cmd = [sys.executable, str(ROOT / "train_net.py"), "--config-file", LIBRA_SHAPES]
     proc = subprocess.Popen(cmd + opts + ["SOLVER.MAX_ITER", "200"], cwd=tmp_path,

@@ -1,15 +1,16 @@
 """Every YAML under configs/ loads with add_libra_config and builds its model; the COCO configs
 match detectron2's model zoo 1x schedule; the shapes configs run a training step."""
+
 from pathlib import Path
 
 import pytest
 import torch
-from detectron2.modeling import build_model
+from detectron2.modeling import RetinaNet, build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from libra_d2.checks import load_config
-from libra_d2.modeling import BalancedFPN, IoUBalancedROIHeads
+from libra_d2.modeling import BalancedFPN, IoUBalancedROIHeads, LibraRetinaNet
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ALL_CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if not p.name.startswith("Base-"))
@@ -32,12 +33,17 @@ def test_config_sets_are_complete():
         "libra_faster_rcnn_R_50_FPN_1x_sampling_only",
         "libra_faster_rcnn_R_50_FPN_1x_bfp_only",
         "libra_faster_rcnn_R_50_FPN_1x_balanced_l1_only",
+        "retinanet_R_50_FPN_1x",
+        "libra_retinanet_R_50_FPN_1x",
+        "libra_fast_rcnn_R_50_FPN_1x",
     ):
         assert expected in names
     shapes = {p.stem for p in SHAPES_CONFIGS}
     for suffix in ("", "_sampling_only", "_bfp_only", "_balanced_l1_only"):
         assert f"libra_faster_rcnn_R_18_FPN{suffix}" in shapes
     assert "faster_rcnn_R_18_FPN" in shapes
+    for name in ("retinanet_R_18_FPN", "libra_retinanet_R_18_FPN", "libra_fast_rcnn_R_18_FPN"):
+        assert name in shapes
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -48,6 +54,12 @@ def test_every_config_builds_its_model(path):
     libra = "libra" in path.stem
     only = path.stem.rsplit("_only", 1)[0] if path.stem.endswith("_only") else None
     has_bfp = isinstance(model.backbone, BalancedFPN)
+    if "retinanet" in path.stem:  # no sampling step: BFP + balanced L1 (LibraRetinaNet)
+        expected_type = LibraRetinaNet if libra else RetinaNet
+        assert (has_bfp, type(model)) == (libra, expected_type)
+        return
+    # Fast R-CNN: precomputed proposals, no RPN.
+    assert (model.proposal_generator is None) == ("fast_rcnn" in path.stem)
     has_sampling = isinstance(model.roi_heads, IoUBalancedROIHeads)
     has_bl1 = cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE == "balanced_l1"
     if not libra:
@@ -64,7 +76,13 @@ def test_coco_configs_follow_the_model_zoo_1x_schedule(path):
     cfg = _cfg(path)
     assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == ("coco_2017_val",)
     assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (90000, (60000, 80000))
-    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, 0.02)
+    lr = 0.01 if "retinanet" in path.stem else 0.02  # RetinaNet's model zoo lr
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR) == (16, lr)
+    if "fast_rcnn" in path.stem:  # detectron2's published RPN R-50-FPN 1x proposals
+        assert cfg.MODEL.LOAD_PROPOSALS and len(cfg.DATASETS.PROPOSAL_FILES_TRAIN) == 1
+        assert cfg.DATASETS.PROPOSAL_FILES_TEST[0].endswith(
+            "coco_2017_val_box_proposals_ee0dad.pkl"
+        )
     if "_R_50_" in path.name:
         assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
     if "_R_101_" in path.name:
@@ -99,7 +117,21 @@ def _batch(n=2, size=96):
         inst.gt_boxes = Boxes(torch.cat([xy, xy + 8 + torch.rand(3, 2, generator=g) * 30], 1))
         inst.gt_classes = torch.randint(0, 6, (3,), generator=g)
         image = torch.randint(0, 256, (3, size, size), generator=g).float()
-        batch.append({"image": image, "instances": inst, "height": size, "width": size})
+        proposals = Instances((size, size))  # for the precomputed-proposal (Fast R-CNN) configs
+        xy = torch.rand(20, 2, generator=g) * size * 0.6
+        proposals.proposal_boxes = Boxes(
+            torch.cat([xy, xy + 4 + torch.rand(20, 2, generator=g) * 30], 1)
+        )
+        proposals.objectness_logits = torch.randn(20, generator=g)
+        batch.append(
+            {
+                "image": image,
+                "instances": inst,
+                "proposals": proposals,
+                "height": size,
+                "width": size,
+            }
+        )
     return batch
 
 
@@ -109,7 +141,10 @@ def test_shapes_configs_train_one_step_and_infer(path):
     model = build_model(_cfg(path))
     with EventStorage(0):
         losses = model(_batch())
-    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
+    expected = {"loss_cls", "loss_box_reg"}
+    if "retinanet" not in path.stem and "fast_rcnn" not in path.stem:
+        expected |= {"loss_rpn_cls", "loss_rpn_loc"}
+    assert set(losses) == expected
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()

@@ -1,5 +1,6 @@
 """`train_net.py --num-gpus 2` on a CPU-only machine: two Gloo processes through detectron2's
 launch, evaluation gathered from both ranks, AP equal to a single-process evaluation."""
+
 import json
 import subprocess
 import sys
@@ -43,7 +44,8 @@ def test_two_process_cpu_training_and_gathered_evaluation(shapes_dataset, tmp_pa
 
     single = subprocess.run(
         [sys.executable, str(ROOT / "train_net.py"), "--eval-only", "--config-file", LIBRA_SHAPES,
-         *common, "MODEL.WEIGHTS", str(out / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "one")],
+         *common, "MODEL.WEIGHTS", str(out / "model_final.pth"),
+         "OUTPUT_DIR", str(tmp_path / "one")],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]

@@ -1,4 +1,5 @@
 """The registered Libra R-CNN modules inside detectron2: ROI heads, box predictor, BFP backbone."""
+
 import math
 
 import pytest
@@ -246,7 +247,9 @@ def test_bfp_backbone_applies_bfp_to_every_fpn_output():
     ]
     mean = sum(gathered) / 5
     torch.testing.assert_close(out["p4"], p4 + mean)
-    torch.testing.assert_close(out["p2"], feats["p2"] + mean.repeat_interleave(4, 2).repeat_interleave(4, 3))
+    torch.testing.assert_close(
+        out["p2"], feats["p2"] + mean.repeat_interleave(4, 2).repeat_interleave(4, 3)
+    )
     torch.testing.assert_close(out["p6"], feats["p6"] + mean.amax(dim=(2, 3), keepdim=True))
 
 

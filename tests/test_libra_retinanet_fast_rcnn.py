@@ -1,5 +1,6 @@
 """Libra RetinaNet (balanced L1 box loss, BFP over p3-p7) and Libra Fast R-CNN on precomputed
 proposals (proposal files, dump_proposals.py, training through train_net.main)."""
+
 import copy
 import json
 import math

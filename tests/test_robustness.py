@@ -1,5 +1,6 @@
 """Hostile and degenerate inputs through the full Libra R-CNN (all three components on): losses
 stay finite and nothing crashes; mixed precision stays numerically safe."""
+
 from pathlib import Path
 from unittest import mock
 

@@ -7,7 +7,6 @@ never by running the sampler on a second code path.
 
 import pytest
 import torch
-
 from detectron2.modeling.sampling import subsample_labels
 
 from libra_d2.modeling.sampling import iou_balanced_subsample

@@ -224,9 +224,10 @@ def test_concurrent_generation_is_safe(tmp_path):
 
 
 def test_registration(tmp_path):
-    import libra_d2.data  # noqa: F401  (registers the datasets)
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import load_coco_json
+
+    import libra_d2.data  # noqa: F401  (registers the datasets)
 
     for split in ("train", "val"):
         name = f"libra_shapes_{split}"

@@ -1,5 +1,6 @@
 """train_net.py end to end on the shapes dataset: training through Trainer, the --eval-only round
 trip, --resume, and one-line errors for bad input."""
+
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import train_net
-from libra_d2.checks import SetupError, preflight
+from libra_d2.checks import SetupError, check_coco_json, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRA_SHAPES = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
@@ -106,7 +107,9 @@ def test_unregistered_dataset_is_named():
 
 
 def test_missing_coco_folder_names_path_and_env_var():
-    with pytest.raises(SetupError, match=r"coco_2017_val.*instances_val2017\.json.*DETECTRON2_DATASETS"):
+    with pytest.raises(
+        SetupError, match=r"coco_2017_val.*instances_val2017\.json.*DETECTRON2_DATASETS"
+    ):
         preflight(LIBRA_SHAPES, ["DATASETS.TEST", "('coco_2017_val',)"])
 
 
@@ -135,3 +138,89 @@ def test_cli_prints_one_line_error_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train_net.py: error: MODEL.WEIGHTS") and "missing.pth" in last
+
+
+@pytest.fixture
+def small_coco(shapes_dataset, tmp_path):
+    """A 3-image copy of libra_shapes_val's COCO file: (path, parsed dict, image_root)."""
+    json_file, image_root = shapes_dataset["val"]
+    coco = json.loads(Path(json_file).read_text())
+    keep = {im["id"] for im in coco["images"][:3]}
+    coco["images"] = [im for im in coco["images"] if im["id"] in keep]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+    return tmp_path / "small.json", coco, image_root
+
+
+def _write(path, coco):
+    path.write_text(json.dumps(coco))
+    return str(path)
+
+
+def test_coco_json_errors_name_the_file_and_the_entry(small_coco):
+    path, coco, image_root = small_coco
+    check_coco_json(_write(path, coco), image_root, "small")  # the intact file passes
+
+    bad = json.loads(json.dumps(coco))
+    bad["images"][1]["file_name"] = "missing.png"
+    im_id = bad["images"][1]["id"]
+    with pytest.raises(SetupError, match=rf"small\.json\): image id {im_id}: file .*missing\.png"):
+        check_coco_json(_write(path, bad), image_root, "small")
+
+    bad = json.loads(json.dumps(coco))
+    bad["annotations"][2]["category_id"] = 99
+    ann_id = bad["annotations"][2]["id"]
+    with pytest.raises(SetupError, match=rf"annotation id {ann_id} .*unknown category_id 99"):
+        check_coco_json(_write(path, bad), image_root, "small")
+
+    bad = json.loads(json.dumps(coco))
+    bad["annotations"][0]["bbox"] = [1, 2, 3]
+    ann_id = bad["annotations"][0]["id"]
+    with pytest.raises(SetupError, match=rf"annotation id {ann_id} .*malformed bbox \[1, 2, 3\]"):
+        check_coco_json(_write(path, bad), image_root, "small")
+
+    path.write_text("{not json")
+    with pytest.raises(SetupError, match=r"small\.json\): not a COCO instances file"):
+        check_coco_json(str(path), image_root, "small")
+
+
+def test_preflight_checks_registered_coco_files(small_coco):
+    from detectron2.data.datasets import register_coco_instances
+
+    path, coco, image_root = small_coco
+    coco["annotations"][0]["category_id"] = 42
+    register_coco_instances("libra_test_bad_coco", {}, _write(path, coco), image_root)
+    with pytest.raises(SetupError, match="libra_test_bad_coco.*unknown category_id 42"):
+        preflight(LIBRA_SHAPES, ["DATASETS.TEST", "('libra_test_bad_coco',)"])
+
+
+def test_diverging_training_stops_and_keeps_the_last_good_checkpoint(trained, tiny_val, tmp_path):
+    """Resume a good run with inputs that make every loss NaN: detectron2's FloatingPointError
+    stops it and last_checkpoint still names the good, finite checkpoint."""
+    out, _ = trained
+    for name in ("model_final.pth", "last_checkpoint"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    args = _args(
+        "--resume", "--config-file", LIBRA_SHAPES, *_short_run_opts(tiny_val, tmp_path, 6),
+        "MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]",  # inf inputs -> NaN losses
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError):
+        train_net.main(args)
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_final.pth"
+    state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not list(tmp_path.glob("model_000*.pth"))  # nothing was saved after the divergence
+
+
+def test_fast_rcnn_without_matching_proposal_files_fails_before_training(tmp_path):
+    fast = str(ROOT / "configs" / "libra_shapes" / "libra_fast_rcnn_R_18_FPN.yaml")
+    with pytest.raises(SetupError, match=r"DATASETS\.PROPOSAL_FILES_TRAIN has 0 file"):
+        preflight(fast)
+    with pytest.raises(SetupError, match=r"proposal file '.*nope\.pkl' does not exist"):
+        preflight(
+            fast,
+            [
+                "DATASETS.PROPOSAL_FILES_TRAIN", f"('{tmp_path / 'nope.pkl'}',)",
+                "DATASETS.PROPOSAL_FILES_TEST", f"('{tmp_path / 'nope.pkl'}',)",
+            ],
+        )  # fmt: skip

@@ -13,6 +13,7 @@ when ``MODEL.LOAD_PROPOSALS`` is on (``DATASETS.PROPOSAL_FILES_TRAIN`` / ``_TEST
 covers a dataset (detectron2's loader would fail on the first missing image with a bare
 ``KeyError``). ``dump_proposals.py`` at the repository root ties them together.
 """
+
 import logging
 import os
 import pickle

@@ -1,4 +1,5 @@
 """Libra R-CNN modules; importing this package registers them with detectron2's registries."""
+
 from .balanced_l1 import BalancedL1FastRCNNOutputLayers, balanced_l1_loss
 from .bfp import (
     BalancedFeaturePyramid,
@@ -10,4 +11,16 @@ from .retinanet import LibraRetinaNet
 from .roi_heads import ROI_BOX_PREDICTOR_REGISTRY, IoUBalancedROIHeads, LibraROIHeads
 from .sampling import iou_balanced_subsample
 
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "BalancedL1FastRCNNOutputLayers",
+    "balanced_l1_loss",
+    "BalancedFeaturePyramid",
+    "BalancedFPN",
+    "build_resnet_bfp_backbone",
+    "build_retinanet_resnet_bfp_backbone",
+    "LibraRetinaNet",
+    "ROI_BOX_PREDICTOR_REGISTRY",
+    "IoUBalancedROIHeads",
+    "LibraROIHeads",
+    "iou_balanced_subsample",
+]

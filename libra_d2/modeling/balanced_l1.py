@@ -124,7 +124,12 @@ class BalancedL1FastRCNNOutputLayers(FastRCNNOutputLayers):
             kwargs: arguments of :class:`FastRCNNOutputLayers`.
         """
         super().__init__(**kwargs)
-        self.balanced_l1_params = {"alpha": 0.5, "gamma": 1.5, "beta": 1.0, **(balanced_l1_params or {})}
+        self.balanced_l1_params = {
+            "alpha": 0.5,
+            "gamma": 1.5,
+            "beta": 1.0,
+            **(balanced_l1_params or {}),
+        }
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -156,5 +161,7 @@ class BalancedL1FastRCNNOutputLayers(FastRCNNOutputLayers):
                 fg_inds, gt_classes[fg_inds]
             ]
         gt_deltas = self.box2box_transform.get_deltas(proposal_boxes[fg_inds], gt_boxes[fg_inds])
-        loss = balanced_l1_loss(fg_pred_deltas, gt_deltas, reduction="sum", **self.balanced_l1_params)
+        loss = balanced_l1_loss(
+            fg_pred_deltas, gt_deltas, reduction="sum", **self.balanced_l1_params
+        )
         return loss / max(gt_classes.numel(), 1.0)

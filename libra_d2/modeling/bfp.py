@@ -4,11 +4,11 @@ from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
-from fvcore.nn import weight_init
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from fvcore.nn import weight_init
 from torch import nn
 
 from ..config import check_range
@@ -236,7 +236,7 @@ class BalancedFPN(FPN):
 
 
 def _build_resnet_bfp(cfg, input_shape, top_block_fn):
-    """ResNet + :class:`BalancedFPN` from ``cfg``; ``top_block_fn(bottom_up)`` makes the top block."""
+    """ResNet + :class:`BalancedFPN`; ``top_block_fn(bottom_up)`` builds the FPN top block."""
     bfp = cfg.MODEL.BFP
     if bfp.REFINE_TYPE not in BalancedFeaturePyramid.REFINE_TYPES:
         raise ValueError(

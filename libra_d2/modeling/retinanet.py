@@ -5,6 +5,7 @@ Balanced Feature Pyramid, refine level 1 = p4) this is the Libra RetinaNet of th
 (arXiv 1904.02701, Table 1: RetinaNet R-50-FPN 1x 35.8 -> 37.8 AP on test-dev). Libra R-CNN's third
 component, IoU-balanced sampling, does not apply: RetinaNet has no sampling step.
 """
+
 import torch
 from detectron2.config import configurable
 from detectron2.layers import cat

@@ -8,9 +8,9 @@
   (IoU-balanced negatives, instance-balanced positives). The RPN keeps detectron2's random sampler,
   as in the official implementation.
 """
+
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, FastRCNNOutputLayers, StandardROIHeads
 from detectron2.structures.boxes import matched_pairwise_iou

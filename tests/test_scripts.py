@@ -1,0 +1,231 @@
+"""The user-facing scripts: benchmarks/bench_libra.py, benchmarks/plot_sampling.py,
+benchmarks/plot_curves.py and demo.py — argument handling and tiny runs that write their files."""
+
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES_LIBRA = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
+
+
+def _load(relpath):
+    """Import a script by path under a private module name."""
+    path = ROOT / relpath
+    name = "script_" + path.stem
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_libra():
+    return _load("benchmarks/bench_libra.py")
+
+
+@pytest.fixture(scope="module")
+def plot_sampling():
+    return _load("benchmarks/plot_sampling.py")
+
+
+@pytest.fixture(scope="module")
+def plot_curves():
+    return _load("benchmarks/plot_curves.py")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return _load("demo.py")
+
+
+def _exit_code(fn, argv):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    return e.value.code
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument handling
+# ---------------------------------------------------------------------------------------------
+def test_help_in_a_subprocess():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_libra.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--shapes" in proc.stdout and "--skip-memory" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["bench_libra", "plot_sampling", "plot_curves", "demo"])
+def test_help_in_process(script, request, capsys):
+    module = request.getfixturevalue(script)
+    assert _exit_code(module.main, ["--help"]) == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--iters", "0"], "must be >= 1"),
+        (["--image-size", "big"], "expected H or HxW"),
+        (["--shapes", "--configs", "a.yaml"], "not allowed with"),
+        (["--device", "tpu"], "invalid choice"),
+        (["--configs", "missing.yaml", "--skip-memory"], "does not exist"),
+        (["--shapes", "--opts", "MODEL.RPN.NMS_THRESH"], "KEY VALUE pairs"),
+    ],
+)
+def test_bench_libra_bad_arguments(bench_libra, capsys, argv, message):
+    assert _exit_code(bench_libra.main, argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plot_sampling_bad_arguments(plot_sampling, capsys):
+    assert _exit_code(plot_sampling.main, ["--num-images", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+    argv = ["--config-file", SHAPES_LIBRA, "--dataset", "no_such_dataset"]
+    assert _exit_code(plot_sampling.main, argv) == 2
+    assert "not registered" in capsys.readouterr().err
+    argv = ["--config-file", SHAPES_LIBRA, "MODEL.NO_SUCH_KEY", "1"]
+    assert _exit_code(plot_sampling.main, argv) == 2
+    assert "NO_SUCH_KEY" in capsys.readouterr().err
+
+
+def test_demo_bad_arguments(demo, tmp_path, capsys):
+    assert _exit_code(demo.main, ["--input", "x.png", "--output", str(tmp_path)]) == 2
+    assert "--config-file" in capsys.readouterr().err
+    argv = ["--config-file", SHAPES_LIBRA, "--input", "x.png", "--output", str(tmp_path)]
+    assert _exit_code(demo.main, argv + ["--confidence-threshold", "2"]) == 2
+    assert "confidence-threshold" in capsys.readouterr().err
+    assert _exit_code(demo.main, argv + ["--opts", "MODEL.WEIGHTS", "nope.pth"]) == 2
+    assert "nope.pth" in capsys.readouterr().err
+
+
+def test_plot_curves_bad_arguments(plot_curves, tmp_path, capsys):
+    assert _exit_code(plot_curves.main, []) == 2
+    assert _exit_code(plot_curves.main, [str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.json").write_text('{"iteration": 0, "total_loss": 1.0}\n')
+    argv = [str(tmp_path / "a"), "--labels", "x", "y"]
+    assert _exit_code(plot_curves.main, argv) == 2
+    assert "2 labels for 1 runs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny runs
+# ---------------------------------------------------------------------------------------------
+def test_bench_libra_tiny_shapes_run(bench_libra, shapes_dataset, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = [
+        "--shapes", "--no-ablations", "--device", "cpu", "--threads", "1",
+        "--iters", "1", "--warmup", "0", "--batch-size", "1", "--num-batches", "1",
+        "--image-size", "128", "--memory-steps", "1",
+        "--sampler-proposals", "500", "--sampler-repeats", "2",
+        "--micro-image-size", "64x96", "--micro-iters", "1",
+        "--json", str(out),
+    ]  # fmt: skip
+    assert bench_libra.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "image size used: 128x128" in printed
+    assert "| faster_rcnn_R_18_FPN | baseline |" in printed
+    assert "### Targets" in printed and ("met |" in printed)
+    res = json.loads(out.read_text())
+    assert [m["name"] for m in res["models"]] == [
+        "faster_rcnn_R_18_FPN",
+        "libra_faster_rcnn_R_18_FPN",
+    ]
+    base, libra = res["models"]
+    assert base["ratios"]["train_step"] == 1.0
+    assert libra["params"] > base["params"]  # the BFP's non-local block
+    assert libra["flops"]["bfp_gflops"] > 0 and base["flops"]["bfp_gflops"] == 0
+    for m in res["models"]:
+        assert "error" not in m["memory"], m["memory"]
+        assert m["memory"]["train_peak_above_start_mib"] > 0
+    assert res["micro"]["sampler"]["rows"][0]["num_proposals"] == 510
+    assert res["micro"]["bfp"]["padded_size"] == [64, 96]
+    assert {t["result"] for t in res["targets"]} <= {"met", "NOT met"}
+    assert len(res["targets"]) == 3 + 2
+
+
+def test_plot_sampling_random_init(plot_sampling, tiny_val, tmp_path, caplog, capsys):
+    png, js = tmp_path / "sampling.png", tmp_path / "sampling.json"
+    argv = [
+        "--config-file", SHAPES_LIBRA, "--dataset", tiny_val, "--num-images", "2",
+        "--output", str(png), "--json", str(js),
+    ]  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert plot_sampling.main(argv) == 0
+    assert "randomly initialised" in caplog.text
+    assert png.stat().st_size > 0
+    res = json.loads(js.read_text())
+    assert res["num_images"] == 2
+    methods = res["methods"]
+    assert set(methods) == {"all negatives", "random sampling", "IoU-balanced sampling"}
+    assert methods["random sampling"]["count"] == methods["IoU-balanced sampling"]["count"] > 0
+    for m in methods.values():
+        assert 0.0 <= m["hard_share"] <= 1.0
+        assert sum(m["histogram"]) == pytest.approx(1.0)
+    assert "% hard (IoU > 0.05)" in capsys.readouterr().out
+
+
+def test_demo_writes_images_and_skips_missing(demo, shapes_dataset, tmp_path, caplog):
+    _, image_root = shapes_dataset["val"]
+    images = sorted(Path(image_root).glob("*.png"))[:2]
+    missing = tmp_path / "missing.png"
+    out = tmp_path / "out"
+    argv = [
+        "--config-file", SHAPES_LIBRA, "--output", str(out), "--confidence-threshold", "0.0",
+        "--input", str(images[0]), str(missing), str(images[1]),
+        "--opts", "MODEL.DEVICE", "cpu",
+    ]  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert demo.main(argv) == 0
+    assert f"{missing}: no such file" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.stem + ".png" for p in images)
+
+    argv = ["--config-file", SHAPES_LIBRA, "--output", str(out), "--input", str(missing)]
+    assert demo.main(argv) == 1
+
+
+def _write_metrics(path, num_iters, with_eval, scale):
+    lines = []
+    for it in range(19, num_iters, 20):
+        losses = {
+            k: scale * (1.0 + i) / (1 + it / 50)
+            for i, k in enumerate(["loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"])
+        }
+        lines.append(dict(iteration=it, total_loss=sum(losses.values()), lr=0.02, **losses))
+    if with_eval:
+        lines[-1].update({"bbox/AP": 30.0 * scale, "bbox/AP50": 50.0 * scale, "bbox/AP75": 31.0})
+        lines.append({"iteration": 39, "bbox/AP": 20.0, "bbox/AP50": 40.0, "bbox/AP75": 21.0})
+    path.mkdir(parents=True)
+    text = "\n".join(json.dumps(x) for x in lines) + "\n\nnot json\n"
+    (path / "metrics.json").write_text(text)
+
+
+def test_plot_curves_two_runs(plot_curves, tmp_path, capsys):
+    _write_metrics(tmp_path / "baseline", 100, with_eval=True, scale=1.0)
+    _write_metrics(tmp_path / "libra", 120, with_eval=False, scale=0.8)
+    png = tmp_path / "curves.png"
+    argv = [str(tmp_path / "baseline"), str(tmp_path / "libra"), "--output", str(png)]
+    assert plot_curves.main(argv + ["--smooth", "2"]) == 0
+    assert png.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "baseline (last iteration 99)" in printed and "bbox/AP 30.00" in printed
+    assert "libra (last iteration 119)" in printed and "no evaluation" in printed
+
+    runs = [plot_curves.read_metrics(tmp_path / r / "metrics.json") for r in ("baseline", "libra")]
+    its, ap = runs[0]["bbox/AP"]
+    assert its.tolist() == [39, 99] and ap.tolist() == [20.0, 30.0]
+    assert "bbox/AP" not in runs[1]
