@@ -5,6 +5,7 @@ Dependencies are kept loose so that users on any CUDA build of torch can ``pip i
 next to their existing detectron2; ``constraints.txt`` pins the versions verified here.
 detectron2 itself is not on PyPI and is therefore not listed: install it first (see README).
 """
+
 from setuptools import find_packages, setup
 
 setup(
