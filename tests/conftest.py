@@ -26,17 +26,50 @@ def shapes_dataset():
     return libra_d2.data.ensure_shapes_dataset()
 
 
+def _register_subset(name, split_files, num_images, folder):
+    """Register the first ``num_images`` images of a libra_shapes split as COCO dataset ``name``."""
+    if name not in DatasetCatalog:
+        json_file, image_root = split_files
+        with open(json_file) as f:
+            coco = json.load(f)
+        keep = {im["id"] for im in coco["images"][:num_images]}
+        coco["images"] = [im for im in coco["images"] if im["id"] in keep]
+        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+        tiny = folder / "annotations.json"
+        tiny.write_text(json.dumps(coco))
+        register_coco_instances(name, {}, str(tiny), image_root)
+    return name
+
+
 @pytest.fixture(scope="session")
 def tiny_val(shapes_dataset, tmp_path_factory):
     """Name of a registered COCO dataset holding the first 12 images of libra_shapes_val."""
-    if TINY_VAL not in DatasetCatalog:
-        json_file, image_root = shapes_dataset["val"]
-        with open(json_file) as f:
-            coco = json.load(f)
-        keep = {im["id"] for im in coco["images"][:12]}
-        coco["images"] = [im for im in coco["images"] if im["id"] in keep]
-        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
-        tiny = tmp_path_factory.mktemp("tiny_val") / "annotations.json"
-        tiny.write_text(json.dumps(coco))
-        register_coco_instances(TINY_VAL, {}, str(tiny), image_root)
-    return TINY_VAL
+    return _register_subset(TINY_VAL, shapes_dataset["val"], 12, tmp_path_factory.mktemp("val"))
+
+
+@pytest.fixture(scope="session")
+def tiny_train(shapes_dataset, tmp_path_factory):
+    """Name of a registered COCO dataset holding the first 8 images of libra_shapes_train."""
+    return _register_subset(
+        "libra_shapes_train_tiny8", shapes_dataset["train"], 8, tmp_path_factory.mktemp("train")
+    )
+
+
+def short_run_opts(output_dir, test_set, max_iter=3):
+    """train_net.py overrides for a few-iteration CPU run that evaluates on ``test_set``."""
+    return [
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", str(max_iter),
+        "SOLVER.CHECKPOINT_PERIOD", "2",
+        "SOLVER.WARMUP_ITERS", "1",
+        "DATALOADER.NUM_WORKERS", "0",
+        "DATASETS.TEST", f"('{test_set}',)",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # an untrained model still outputs boxes
+        "OUTPUT_DIR", str(output_dir),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def short_run():
+    """:func:`short_run_opts`, for tests (conftest is not importable as a module)."""
+    return short_run_opts

@@ -12,7 +12,6 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data.build import load_proposals_into_dataset
-from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import RetinaNet, build_backbone, build_model
 from detectron2.structures import Boxes, BoxMode
 from detectron2.utils.events import EventStorage
@@ -35,7 +34,6 @@ LIBRA_RETINANET = str(SHAPES / "libra_retinanet_R_18_FPN.yaml")
 RETINANET = str(SHAPES / "retinanet_R_18_FPN.yaml")
 FASTER_RCNN = str(SHAPES / "faster_rcnn_R_18_FPN.yaml")
 LIBRA_FAST_RCNN = str(SHAPES / "libra_fast_rcnn_R_18_FPN.yaml")
-TINY_TRAIN = "libra_shapes_train_tiny8"
 
 
 def _balanced_l1(d, alpha=0.5, gamma=1.5, beta=0.11):
@@ -46,18 +44,6 @@ def _balanced_l1(d, alpha=0.5, gamma=1.5, beta=0.11):
     return gamma * d + gamma / b - alpha * beta
 
 
-def _short_run_opts(output_dir, test_set, max_iter=3):
-    return [
-        "SOLVER.IMS_PER_BATCH", "2",
-        "SOLVER.MAX_ITER", str(max_iter),
-        "SOLVER.CHECKPOINT_PERIOD", "100",
-        "SOLVER.WARMUP_ITERS", "1",
-        "DATALOADER.NUM_WORKERS", "0",
-        "DATASETS.TEST", f"('{test_set}',)",
-        "OUTPUT_DIR", str(output_dir),
-    ]  # fmt: skip
-
-
 def _final_detections(output_dir):
     """The detections of the end-of-training evaluation (``DefaultTrainer.train`` returns None)."""
     return json.loads((Path(output_dir) / "inference" / "coco_instances_results.json").read_text())
@@ -66,22 +52,6 @@ def _final_detections(output_dir):
 def _train_records(output_dir):
     lines = (Path(output_dir) / "metrics.json").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "total_loss" in r]
-
-
-@pytest.fixture(scope="module")
-def tiny_train(shapes_dataset, tmp_path_factory):
-    """Name of a registered COCO dataset holding the first 8 images of libra_shapes_train."""
-    if TINY_TRAIN not in DatasetCatalog:
-        json_file, image_root = shapes_dataset["train"]
-        with open(json_file) as f:
-            coco = json.load(f)
-        keep = {im["id"] for im in coco["images"][:8]}
-        coco["images"] = [im for im in coco["images"] if im["id"] in keep]
-        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
-        tiny = tmp_path_factory.mktemp("tiny_train") / "annotations.json"
-        tiny.write_text(json.dumps(coco))
-        register_coco_instances(TINY_TRAIN, {}, str(tiny), image_root)
-    return TINY_TRAIN
 
 
 # ------------------------------------------------------------------------------ Libra RetinaNet
@@ -167,11 +137,11 @@ def test_bfp_retinanet_backbone_keeps_the_fpn_outputs():
     assert {k: v.shape for k, v in out_bfp.items()} == {k: v.shape for k, v in out_plain.items()}
 
 
-def test_libra_retinanet_trains_on_shapes(tiny_train, tmp_path):
+def test_libra_retinanet_trains_on_shapes(tiny_train, short_run, tmp_path):
     # After 3 iterations every score is still about the 0.01 prior: evaluate without threshold.
     out = tmp_path
     opts = [
-        *_short_run_opts(out, tiny_train),
+        *short_run(out, tiny_train),
         "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
         "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "100",
         "SEED", "1",
@@ -272,7 +242,7 @@ def test_generated_proposals_are_in_original_image_coordinates(tiny_train):
         generate_proposals(build_model(load_config(LIBRA_FAST_RCNN)), [])
 
 
-def test_libra_fast_rcnn_trains_on_dumped_proposals(tiny_train, tmp_path):
+def test_libra_fast_rcnn_trains_on_dumped_proposals(tiny_train, short_run, tmp_path):
     # Proposals of a random-init Faster R-CNN, through the script.
     path = tmp_path / "proposals" / "tiny_train.pkl"
     argv = ["--config-file", FASTER_RCNN, "--dataset", tiny_train, "--output", str(path)]
@@ -290,7 +260,7 @@ def test_libra_fast_rcnn_trains_on_dumped_proposals(tiny_train, tmp_path):
 
     out = tmp_path / "train"
     opts = [
-        *_short_run_opts(out, tiny_train),
+        *short_run(out, tiny_train),
         "DATASETS.TRAIN", f"('{tiny_train}',)",
         "DATASETS.PROPOSAL_FILES_TRAIN", f"('{path}',)",
         "DATASETS.PROPOSAL_FILES_TEST", f"('{path}',)",

@@ -21,29 +21,16 @@ def _args(*argv):
     return train_net.default_argument_parser().parse_args(list(argv))
 
 
-def _short_run_opts(tiny_val, output_dir, max_iter=3):
-    return [
-        "SOLVER.IMS_PER_BATCH", "2",
-        "SOLVER.MAX_ITER", str(max_iter),
-        "SOLVER.CHECKPOINT_PERIOD", "2",
-        "SOLVER.WARMUP_ITERS", "1",
-        "DATALOADER.NUM_WORKERS", "0",
-        "DATASETS.TEST", f"('{tiny_val}',)",
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",  # an untrained model still outputs boxes
-        "OUTPUT_DIR", str(output_dir),
-    ]  # fmt: skip
-
-
 def _metrics(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
-def trained(shapes_dataset, tiny_val, tmp_path_factory):
+def trained(tiny_val, short_run, tmp_path_factory):
     """A 3-iteration Libra R-CNN run through train_net.main: (output_dir, its final bbox eval)."""
     out = tmp_path_factory.mktemp("train")
     torch.manual_seed(0)
-    train_net.main(_args("--config-file", LIBRA_SHAPES, *_short_run_opts(tiny_val, out)))
+    train_net.main(_args("--config-file", LIBRA_SHAPES, *short_run(out, tiny_val)))
     (final_eval,) = [r for r in _metrics(out) if "bbox/AP" in r]
     return out, {k[len("bbox/") :]: v for k, v in final_eval.items() if k.startswith("bbox/")}
 
@@ -81,13 +68,13 @@ def test_eval_only_reproduces_the_final_evaluation(trained, tiny_val, tmp_path):
     assert len(before) > 0 and before == after
 
 
-def test_resume_continues_from_the_last_checkpoint(trained, tiny_val, tmp_path):
+def test_resume_continues_from_the_last_checkpoint(trained, tiny_val, short_run, tmp_path):
     out, _ = trained
     # Copy the run, then resume it to 5 iterations: it must restart at iteration 3, not 0.
     for name in ("model_final.pth", "last_checkpoint"):
         (tmp_path / name).write_bytes((out / name).read_bytes())
     train_net.main(
-        _args("--resume", "--config-file", LIBRA_SHAPES, *_short_run_opts(tiny_val, tmp_path, 5))
+        _args("--resume", "--config-file", LIBRA_SHAPES, *short_run(tmp_path, tiny_val, 5))
     )
     iterations = [r["iteration"] for r in _metrics(tmp_path) if "total_loss" in r]
     assert iterations[0] >= 3 and iterations[-1] == 4
@@ -193,14 +180,16 @@ def test_preflight_checks_registered_coco_files(small_coco):
         preflight(LIBRA_SHAPES, ["DATASETS.TEST", "('libra_test_bad_coco',)"])
 
 
-def test_diverging_training_stops_and_keeps_the_last_good_checkpoint(trained, tiny_val, tmp_path):
+def test_diverging_training_stops_and_keeps_the_last_good_checkpoint(
+    trained, tiny_val, short_run, tmp_path
+):
     """Resume a good run with inputs that make every loss NaN: detectron2's FloatingPointError
     stops it and last_checkpoint still names the good, finite checkpoint."""
     out, _ = trained
     for name in ("model_final.pth", "last_checkpoint"):
         (tmp_path / name).write_bytes((out / name).read_bytes())
     args = _args(
-        "--resume", "--config-file", LIBRA_SHAPES, *_short_run_opts(tiny_val, tmp_path, 6),
+        "--resume", "--config-file", LIBRA_SHAPES, *short_run(tmp_path, tiny_val, 6),
         "MODEL.PIXEL_STD", "[0.0, 0.0, 0.0]",  # inf inputs -> NaN losses
     )  # fmt: skip
     with pytest.raises(FloatingPointError):
