@@ -106,6 +106,7 @@ def main(args):
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    setup_logger(name="libra_d2")  # progress of the pre-flight checks (e.g. dataset generation)
     try:
         # One-line errors for bad keys, datasets and weights, before any worker process starts.
         preflight(args.config_file, args.opts)

@@ -38,10 +38,12 @@ pip_install() {
 pip_install "${C[@]}" "setuptools<81" wheel
 pip_install "${C[@]}" torch torchvision numpy
 # detectron2's runtime dependencies (its setup.py install_requires), so either install path below
-# can use --no-deps and never touch torch.
+# can use --no-deps and never touch torch; then the project's tools: opencv (detectron2's
+# Visualizer), pytest, ruff, onnx/onnxruntime (export checks).
 pip_install "${C[@]}" "Pillow>=7.1" matplotlib "pycocotools>=2.0.2" "termcolor>=1.1" \
   "yacs>=0.1.8" tabulate cloudpickle tqdm tensorboard "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" \
-  "omegaconf>=2.1" "hydra-core>=1.1" black packaging opencv-python-headless pytest ruff
+  "omegaconf>=2.1" "hydra-core>=1.1" black packaging opencv-python-headless pytest ruff \
+  onnx onnxruntime
 
 if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   path=""

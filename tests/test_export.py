@@ -1,0 +1,262 @@
+"""Deployment of Libra Faster R-CNN (BFP + IoU-balanced sampling + balanced L1): tracing to
+TorchScript and export to ONNX through detectron2's TracingAdapter, exported vs eager detections on
+libra_shapes val images, libra_d2's ONNX symbolic for adaptive max pooling, and export_model.py."""
+
+import io
+import json
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import build_model
+from torch import nn
+
+import export_model
+from libra_d2.checks import load_config
+from libra_d2.export import (
+    ExportError,
+    compare_detections,
+    export_onnx,
+    export_torchscript,
+    onnx_symbolics,
+    preprocess_image,
+    read_image,
+    run_eager,
+    run_onnx,
+    run_torchscript,
+)
+from libra_d2.modeling import BalancedFPN, BalancedL1FastRCNNOutputLayers, IoUBalancedROIHeads
+from libra_d2.modeling.bfp import NonLocal2d
+
+CONFIG = os.path.join(
+    os.path.dirname(__file__), "..", "configs", "libra_shapes", "libra_faster_rcnn_R_18_FPN.yaml"
+)
+OPTS = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]  # a random-init model still outputs boxes
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(CONFIG, OPTS)
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    # A new non-local block is the identity (zero output conv): give it weights so that the
+    # attention path of the BFP changes the detections, as in a trained model.
+    with torch.no_grad():
+        nn.init.normal_(model.backbone.bfp.refine.conv_out.weight, std=0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def val_images(cfg, shapes_dataset):
+    """(images, paths) of the first 2 libra_shapes val images; images (3, 224, 224) float32."""
+    json_file, image_root = shapes_dataset["val"]
+    with open(json_file) as f:
+        names = [im["file_name"] for im in json.load(f)["images"][:2]]
+    paths = [os.path.join(image_root, name) for name in names]
+    return [preprocess_image(cfg, read_image(p, cfg.INPUT.FORMAT)) for p in paths], paths
+
+
+@pytest.fixture(scope="module")
+def torchscript_export(model, val_images, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ts") / "model.ts")
+    traced, adapter = export_torchscript(model, val_images[0][0], path)
+    return traced, adapter, path
+
+
+def _check_close(expected, actual):
+    assert len(expected) > 0
+    diff = compare_detections(expected, actual)
+    assert diff["num_actual"] == diff["num_expected"] == len(expected)
+    assert diff["boxes"] <= ATOL and diff["scores"] <= ATOL, diff
+
+
+def test_model_has_all_three_libra_components(model):
+    assert isinstance(model.backbone, BalancedFPN)
+    assert isinstance(model.backbone.bfp.refine, NonLocal2d)
+    assert isinstance(model.roi_heads, IoUBalancedROIHeads)
+    assert isinstance(model.roi_heads.box_predictor, BalancedL1FastRCNNOutputLayers)
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchScript
+# ---------------------------------------------------------------------------------------------
+def test_traced_matches_eager_on_val_images(torchscript_export, val_images):
+    traced, adapter, _ = torchscript_export
+    images, _ = val_images
+    assert tuple(images[0].shape) == (3, 224, 224)
+    for image in images:  # the first one was traced with, the second one was not
+        _check_close(run_eager(adapter, image), run_torchscript(traced, adapter, image))
+
+
+def test_traced_model_runs_at_other_sizes(torchscript_export):
+    # BFP sizes are traced as aten::size values, not constants
+    traced, adapter, _ = torchscript_export
+    image = torch.rand(3, 192, 288, generator=torch.Generator().manual_seed(0)) * 255
+    expected = run_eager(adapter, image)
+    assert [int(s) for s in expected.image_size] == [192, 288]
+    _check_close(expected, run_torchscript(traced, adapter, image))
+
+
+def test_torchscript_save_load_round_trip(torchscript_export, val_images):
+    _, adapter, path = torchscript_export
+    loaded = torch.jit.load(path)
+    for image in val_images[0]:
+        _check_close(run_eager(adapter, image), run_torchscript(loaded, adapter, image))
+
+
+def test_trace_requires_eval_mode(model, val_images):
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="eval mode"):
+            export_torchscript(model, val_images[0][0], "unused.ts")
+    finally:
+        model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX
+# ---------------------------------------------------------------------------------------------
+def test_onnx_matches_eager_on_val_images(model, val_images, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    images, _ = val_images
+    path = str(tmp_path / "model.onnx")
+    adapter = export_onnx(model, images[0], path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert session.get_inputs()[0].shape == [3, "height", "width"]
+    outputs = ["pred_boxes", "pred_classes", "scores", "image_size"]
+    assert [o.name for o in session.get_outputs()] == outputs
+    for image in images:
+        _check_close(run_eager(adapter, image), run_onnx(path, adapter, image))
+    # dynamic height and width
+    image = torch.rand(3, 192, 288, generator=torch.Generator().manual_seed(0)) * 255
+    _check_close(run_eager(adapter, image), run_onnx(path, adapter, image))
+
+
+def test_onnx_file_passes_checker(model, val_images, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    path = str(tmp_path / "model.onnx")
+    export_onnx(model, val_images[0][0], path, opset_version=16)
+    onnx.checker.check_model(path)
+    assert onnx.load(path).opset_import[0].version == 16
+
+
+class _AdaptiveMaxPool(nn.Module):
+    """``F.adaptive_max_pool2d`` to a constant size, or to the size of ``ref`` (as the BFP)."""
+
+    def __init__(self, output_size=None):
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x, ref):
+        return F.adaptive_max_pool2d(x, self.output_size or ref.shape[-2:])
+
+
+def _export_to_bytes(module, args, **kwargs):
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, buffer, dynamo=False, opset_version=17, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("output_size", [None, (4, 3)], ids=["traced_size", "constant_size"])
+def test_adaptive_max_pool2d_symbolic_is_exact(output_size):
+    ort = pytest.importorskip("onnxruntime")
+    module = _AdaptiveMaxPool(output_size)
+    g = torch.Generator().manual_seed(0)
+    sizes = [((14, 14), (4, 4)), ((56, 56), (14, 14)), ((7, 5), (3, 7)), ((9, 13), (9, 13))]
+    with onnx_symbolics(17):
+        data = _export_to_bytes(
+            module,
+            (torch.randn(1, 2, 14, 14, generator=g), torch.zeros(1, 1, 4, 4)),
+            input_names=["x", "ref"],
+            dynamic_axes={"x": {2: "h", 3: "w"}, "ref": {2: "rh", 3: "rw"}},
+        )
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    for in_size, ref_size in sizes:  # non-divisible, divisible, upsampling along w, identity
+        x, ref = torch.randn(1, 2, *in_size, generator=g), torch.zeros(1, 1, *ref_size)
+        feed = {"x": x.numpy(), "ref": ref.numpy()}  # a constant size leaves "ref" unused
+        (out,) = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
+        torch.testing.assert_close(torch.from_numpy(out), module(x, ref), rtol=0, atol=0)
+
+
+def test_builtin_adaptive_max_pool2d_symbolic_is_back_after_export():
+    # The built-in one only handles constant sizes that divide the input size (not 14 -> 4).
+    with pytest.raises(torch.onnx.errors.OnnxExporterError, match="adaptive_max_pool2d"):
+        _export_to_bytes(_AdaptiveMaxPool((4, 4)), (torch.randn(1, 2, 14, 14), torch.zeros(1)))
+
+
+class _Cummax(nn.Module):
+    """A 'detector' whose only op, cummax, has no ONNX symbolic."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, batched_inputs):
+        return [{"cummax": torch.cummax(batched_inputs[0]["image"] * self.scale, dim=1)[0]}]
+
+
+def test_onnx_unsupported_operator_is_named(tmp_path):
+    path = tmp_path / "model.onnx"
+    with pytest.raises(ExportError, match=r"ONNX export failed at operator aten::cummax"):
+        export_onnx(_Cummax().eval(), torch.rand(3, 8, 8), str(path))
+    assert not path.exists()
+
+
+def test_onnx_rejects_old_opset(model, val_images, tmp_path):
+    with pytest.raises(ExportError, match="opset 15 is too old"):
+        export_onnx(model, val_images[0][0], str(tmp_path / "model.onnx"), opset_version=15)
+
+
+# ---------------------------------------------------------------------------------------------
+# export_model.py
+# ---------------------------------------------------------------------------------------------
+def test_export_model_torchscript_default_sample_image(shapes_dataset, tmp_path):
+    argv = ["--config-file", CONFIG, "--output", str(tmp_path), "--atol", str(ATOL), *OPTS]
+    assert export_model.main(argv) == 0
+    traced = torch.jit.load(str(tmp_path / "model.ts"))
+    outputs = traced(torch.rand(3, 224, 224) * 255)
+    assert [tuple(t.shape)[1:] for t in outputs[:3]] == [(4,), (), ()]
+
+
+def test_export_model_onnx(val_images, tmp_path):
+    argv = ["--config-file", CONFIG, "--format", "onnx", "--sample-image", val_images[1][1]]
+    argv += ["--output", str(tmp_path / "out"), "--atol", str(ATOL), *OPTS]
+    assert export_model.main(argv) == 0
+    assert (tmp_path / "out" / "model.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sample-image", "no_such.png"], "image 'no_such.png' does not exist"),
+        (["--format", "onnx", "--opset", "13"], "--opset 13 is too old"),
+        (["MODEL.WEIGHTS", "no_such.pth"], "MODEL.WEIGHTS 'no_such.pth' does not exist"),
+        (["MODEL.NO_SUCH_KEY", "1"], "NO_SUCH_KEY"),
+    ],
+)
+def test_export_model_bad_arguments(tmp_path, capsys, extra, message):
+    argv = ["--config-file", CONFIG, "--output", str(tmp_path), *extra]
+    with pytest.raises(SystemExit) as e:
+        export_model.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export_model.py: error: ") and message in err
+    assert not os.listdir(tmp_path)
+
+
+def test_export_model_output_is_a_file(tmp_path, capsys):
+    output = tmp_path / "a_file"
+    output.write_text("")
+    with pytest.raises(SystemExit):
+        export_model.main(["--config-file", CONFIG, "--output", str(output)])
+    assert "is a file, not a folder" in capsys.readouterr().err
