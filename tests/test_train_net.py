@@ -213,3 +213,14 @@ def test_fast_rcnn_without_matching_proposal_files_fails_before_training(tmp_pat
                 "DATASETS.PROPOSAL_FILES_TEST", f"('{tmp_path / 'nope.pkl'}',)",
             ],
         )  # fmt: skip
+
+
+def test_runs_with_the_same_seed_are_identical(tiny_val, short_run, tmp_path):
+    losses = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        train_net.main(
+            _args("--config-file", LIBRA_SHAPES, *short_run(out, tiny_val, 2), "SEED", "3")
+        )
+        losses.append([r["total_loss"] for r in _metrics(out) if "total_loss" in r])
+    assert losses[0] == losses[1] and len(losses[0]) > 0
