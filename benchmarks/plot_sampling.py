@@ -265,8 +265,9 @@ def main(argv=None):
     edges, stats = summarize(ious, args.bin_width)
 
     weights = cfg.MODEL.WEIGHTS or "random init"
+    short_weights = "/".join(Path(weights).parts[-2:]) if cfg.MODEL.WEIGHTS else weights
     title = (
-        f"{Path(args.config_file).stem} ({weights}), {len(images)} images of {args.dataset}\n"
+        f"{Path(args.config_file).stem} ({short_weights}), {len(images)} images of {args.dataset}\n"
         f"{cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE} ROIs/image, positive fraction "
         f"{cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION}, {cfg.MODEL.ROI_HEADS.IOU_BALANCED.NUM_BINS} "
         "IoU bins"
