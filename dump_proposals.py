@@ -19,13 +19,13 @@ import logging
 import sys
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.engine import launch
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 import libra_d2  # noqa: F401  (registers the libra_d2 modules and the libra_shapes datasets)
+from libra_d2.checkpoint import LibraCheckpointer
 from libra_d2.checks import SetupError, check_weights, load_config
 from libra_d2.data import ensure_shapes_dataset, is_shapes_dataset
 from libra_d2.data.proposals import (
@@ -83,7 +83,7 @@ def main(args):
     model = build_model(cfg)
     check_proposal_model(model)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        LibraCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning("MODEL.WEIGHTS is empty: dumping the proposals of a random-init model")
     data_loader = build_detection_test_loader(cfg, args.dataset)

@@ -38,7 +38,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, DatasetMapper  # noqa: E402
 from detectron2.data import detection_utils as utils  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -50,6 +49,7 @@ from detectron2.modeling.sampling import subsample_labels  # noqa: E402
 from detectron2.structures import pairwise_iou  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
+from libra_d2.checkpoint import LibraCheckpointer  # noqa: E402
 from libra_d2.checks import SetupError, check_weights, load_config  # noqa: E402
 from libra_d2.data import ensure_shapes_dataset, is_shapes_dataset  # noqa: E402
 from libra_d2.modeling import iou_balanced_subsample  # noqa: E402
@@ -97,7 +97,7 @@ def load_model(cfg):
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         check_weights(cfg.MODEL.WEIGHTS)
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        LibraCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:
         logger.warning(
             "MODEL.WEIGHTS is empty: the proposals come from a randomly initialised RPN; pass "
