@@ -17,7 +17,6 @@ covers a dataset (detectron2's loader would fail on the first missing image with
 import logging
 import os
 import pickle
-import tempfile
 import time
 from typing import Dict, Iterable, List, Optional
 
@@ -30,6 +29,8 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_every_n_seconds
+
+from ..checkpoint import atomic_open
 
 __all__ = [
     "check_proposal_model",
@@ -191,19 +192,9 @@ def save_proposals(proposals: Dict, path: str) -> None:
     """
     _validate(proposals, f"proposals for '{path}'")
     proposals = {"bbox_mode": BoxMode.XYXY_ABS, **proposals}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(proposals, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        pickle.dump(proposals, f, protocol=pickle.HIGHEST_PROTOCOL)
     logger.info(f"Saved proposals of {len(proposals['ids'])} images to {path}")
 
 
