@@ -70,7 +70,7 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
         if evaluator_type != "coco":
             raise NotImplementedError(
                 f"no evaluator for dataset '{dataset_name}' of evaluator_type '{evaluator_type}'"
