@@ -53,6 +53,7 @@ from libra_d2.checkpoint import LibraCheckpointer  # noqa: E402
 from libra_d2.checks import SetupError, check_weights, load_config  # noqa: E402
 from libra_d2.data import ensure_shapes_dataset, is_shapes_dataset  # noqa: E402
 from libra_d2.modeling import iou_balanced_subsample  # noqa: E402
+from libra_d2.modeling.roi_heads import proposal_labels  # noqa: E402
 
 logger = logging.getLogger("libra_d2.plot_sampling")
 
@@ -157,14 +158,8 @@ def sample_negatives(cfg, proposals, gt, generator):
     iou = pairwise_iou(targets.gt_boxes, proposals.proposal_boxes)
     matcher = Matcher(roi.IOU_THRESHOLDS, roi.IOU_LABELS, allow_low_quality_matches=False)
     matched_idxs, matched_labels = matcher(iou)
-    if len(targets) > 0:
-        max_ious = iou.max(dim=0).values
-        labels = targets.gt_classes[matched_idxs]
-        labels[matched_labels == 0] = num_classes
-        labels[matched_labels == -1] = -1
-    else:
-        max_ious = iou.new_zeros(iou.shape[1])
-        labels = torch.full_like(matched_idxs, num_classes)
+    labels = proposal_labels(matched_idxs, matched_labels, targets.gt_classes, num_classes)
+    max_ious = iou.max(dim=0).values if len(targets) > 0 else iou.new_zeros(iou.shape[1])
 
     _, neg_random = subsample_labels(
         labels, roi.BATCH_SIZE_PER_IMAGE, roi.POSITIVE_FRACTION, num_classes

@@ -29,6 +29,29 @@ Registry for the box predictors built by :class:`LibraROIHeads` from
 ROI_BOX_PREDICTOR_REGISTRY.register(FastRCNNOutputLayers)
 
 
+def proposal_labels(matched_idxs, matched_labels, gt_classes, num_classes):
+    """
+    Classification labels of N proposals from the matcher's output, as detectron2's
+    ``StandardROIHeads._sample_proposals`` assigns them before sampling.
+
+    Args:
+        matched_idxs (Tensor): int64 [N], matched ground-truth index of each proposal.
+        matched_labels (Tensor): int8 [N], the matcher's label (1 fg, 0 bg, -1 ignore).
+        gt_classes (Tensor): int64 [M], classes of the M ground-truth boxes (M may be 0).
+        num_classes (int): the background label.
+
+    Returns:
+        Tensor: int64 [N], a class in ``[0, num_classes)``, ``num_classes`` for background or
+        -1 for ignored proposals.
+    """
+    if gt_classes.numel() == 0:
+        return torch.full_like(matched_idxs, num_classes)
+    labels = gt_classes[matched_idxs]
+    labels[matched_labels == 0] = num_classes
+    labels[matched_labels == -1] = -1
+    return labels
+
+
 @ROI_HEADS_REGISTRY.register()
 class LibraROIHeads(StandardROIHeads):
     """
@@ -136,12 +159,7 @@ class IoUBalancedROIHeads(LibraROIHeads):
             Tensor: int64 [S], indices of sampled proposals (positives first).
             Tensor: int64 [S], their labels in [0, num_classes] (num_classes = background).
         """
-        if gt_classes.numel() > 0:
-            labels = gt_classes[matched_idxs]
-            labels[matched_labels == 0] = self.num_classes
-            labels[matched_labels == -1] = -1
-        else:
-            labels = torch.full_like(matched_idxs, self.num_classes)
+        labels = proposal_labels(matched_idxs, matched_labels, gt_classes, self.num_classes)
         pos_idx, neg_idx = iou_balanced_subsample(
             labels,
             self.proposal_matcher.last_max_ious,
