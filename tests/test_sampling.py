@@ -134,6 +134,41 @@ def test_shortfall_is_filled_uniformly_from_the_leftovers():
     assert abs(sum(fills) / len(fills) - 78 * 172 / 1044) < 1.0
 
 
+def test_shortfall_split_over_three_bins_is_hypergeometric():
+    # floor_fraction 0.5 without a floor set: the balanced part is int(384 * 0.5) = 192, cap 64
+    # per bin; bins hold 1000 / 300 / 200 -> 64 each, and the other 192 are a uniform fill from
+    # the 936 + 236 + 136 = 1308 leftovers: mean fill per bin 192 * l / 1308 (bin 1: 34.64,
+    # bin 2: 19.96), sd ~4.9 / ~3.8 per call, so the mean over 200 seeds is within ~0.35.
+    labels, ious, matched = _inputs(
+        torch.cat([torch.full((1000,), 0.1), torch.full((300,), 0.5), torch.full((200,), 0.8)]),
+        [1.0],
+    )
+    fills = torch.zeros(3)
+    for seed in range(200):
+        torch.manual_seed(seed)
+        _, neg = iou_balanced_subsample(labels, ious, matched, 385, 0.25, BG, floor_fraction=0.5)
+        counts = torch.tensor(_bin_counts(ious, neg, [0, 1 / 3, 2 / 3, 1.01]))
+        assert int(counts.sum()) == 384 and bool((counts >= 64).all())
+        fills += counts - 64
+    expected = 192 * torch.tensor([936, 236, 136]) / 1308
+    assert torch.allclose(fills / 200, expected, atol=1.5)
+
+
+@pytest.mark.parametrize("n_floor", [1000, 20000])
+def test_packed_and_one_hot_counters(n_floor):
+    # With a floor set there are 4 counted groups: packed 15-bit counters hold up to 2 ** 14
+    # proposals, so 20000 floor negatives take the one-hot path. Same closed form either way:
+    # balanced part int(384 * 0.5) = 192 -> 64 per plentiful bin, floor 192.
+    labels, ious, matched = _floor_inputs(n_floor, 0.05)
+    torch.manual_seed(0)
+    _, neg = iou_balanced_subsample(
+        labels, ious, matched, 384, 0.25, BG, floor_thr=0.1, floor_fraction=0.5
+    )
+    assert neg.numel() == 384 and torch.unique(neg).numel() == 384
+    assert int((ious[neg] < 0.1).sum()) == 192
+    assert _bin_counts(ious, neg, [0.1, 0.2333, 0.3667, 0.51]) == [64, 64, 64]
+
+
 def test_members_of_a_capped_bin_are_equally_likely():
     # bin 0: 1000 at IoU 0.1, bin 2: 128 at 0.8, max 1.0; quota 384, cap 128. Bin 2 is taken
     # whole (exactly its cap), bin 0 gives 128 + the shortfall 128 = 256, so each bin-0 member
@@ -424,9 +459,11 @@ def test_explicit_generator():
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("device", DEVICES)
-def test_device_and_dtype(device):
+def test_device_and_dtype(device, dtype):
     labels, ious, matched = (t.to(device) for t in _big_case())
+    ious = ious.to(dtype)
     torch.manual_seed(0)
     pos, neg = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
     _check_contract(labels, pos, neg, 512, 0.25)

@@ -3,11 +3,14 @@ IoU-balanced sampling of second-stage training proposals (Libra R-CNN, arXiv 190
 
 :func:`iou_balanced_subsample` is a drop-in replacement for
 :func:`detectron2.modeling.sampling.subsample_labels` that draws negatives evenly over IoU bins and
-positives evenly over ground-truth objects. It is written with a handful of whole-tensor torch
+positives evenly over ground-truth objects. It is written with about twenty whole-tensor torch
 operations on the input's device (no numpy, no Python sets, no per-bin host synchronisation).
 """
 
-from typing import List, Optional, Tuple
+import functools
+import itertools
+import math
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -60,18 +63,21 @@ def iou_balanced_subsample(
       half-to-even), drawn at random; a shortfall is filled at random from the remaining
       positives and an overshoot is trimmed at random.
 
-    Implementation: the candidates are shuffled once (``randperm``) and each gets its 1-based
-    rank inside its group in that order -- group = IoU bin (or the floor set) for negatives,
-    matched ground truth for positives -- from one cumulative sum of per-group counters packed
-    into an int64 (a few groups; one-hot cumsum if the counters would not fit) or from a sort
-    (positives, whose number of ground truths is not known on the host). Candidates with
-    ``rank <= cap(group)`` are *primary*: a uniformly random subset of ``min(cap, size)`` members
-    of each group. A single ``topk`` over ``fresh uniform key + tier`` (tier 0 for primary
-    candidates, 1 or 2 for the fill pools in the order the official code fills them) then picks
-    exactly the requested number, so every fill is uniformly random. This draws from the same
-    distribution as the official per-bin loops. There is no Python loop over proposals or bins,
-    and no host synchronisation beyond the two ``nonzero`` calls that ``subsample_labels`` makes
-    too (they size the outputs).
+    Implementation (negatives): one ``bucketize`` gives every proposal its group (IoU bin, floor
+    set, or "not a negative"); the proposals are shuffled once (``randperm``) and one cumulative
+    sum of per-group counters packed into an int64 ranks each one inside its group in that order
+    (a one-hot cumsum if the counters would not fit). Its last element holds the group sizes,
+    read back to the host, where the per-group numbers are worked out exactly as the official
+    loops do: ``min(cap, size)`` per bin, and a shortfall split over the groups' leftovers by a
+    multivariate hypergeometric draw (what a uniform fill from the union of the leftovers gives;
+    only drawn when two or more groups have leftovers). Taking the first ``limit[g]`` members of
+    each group in the shuffled order is then a uniformly random subset of that size, so the
+    result has the distribution of the official sampler; one subtraction and one bit test on
+    the packed counters select them. Positives (only when there are more than ``q``): shuffled,
+    ranked inside their ground truth by a sort, and a ``topk`` over ``fresh uniform key +
+    (rank >= cap)`` keeps the primary ones first. There is no Python loop over proposals or
+    bins; the host reads the positive count (``nonzero``, as ``subsample_labels``), the maximum
+    IoU and the packed group sizes (two scalars), and a few ints per call.
 
     Differences from the official code (deliberate):
 
@@ -128,19 +134,20 @@ def iou_balanced_subsample(
     if not 0.0 <= floor_fraction <= 1.0:
         raise ValueError(f"floor_fraction must be in [0, 1], got {floor_fraction}")
 
-    positive = torch.nonzero((labels != -1) & (labels != bg_label), as_tuple=True)[0]
-    negative = torch.nonzero(labels == bg_label, as_tuple=True)[0]
-
+    is_neg = labels == bg_label
+    # (labels != -1) is true for positives and negatives; xor with is_neg leaves the positives.
+    positive = torch.nonzero(labels.ne(-1).logical_xor_(is_neg)).squeeze(1)
     num_pos = min(int(num_samples * positive_fraction), positive.numel())
-    num_neg = min(num_samples - num_pos, negative.numel())
 
-    if instance_balanced_pos:
+    if num_pos == positive.numel():
+        pos_idx = positive
+    elif instance_balanced_pos:
         pos_idx = _instance_balanced_positives(positive, matched_idxs, num_pos, generator)
     else:
         perm = torch.randperm(positive.numel(), device=positive.device, generator=generator)
         pos_idx = positive.index_select(0, perm[:num_pos])
     neg_idx = _iou_balanced_negatives(
-        negative, max_ious, num_neg, num_bins, floor_thr, floor_fraction, generator
+        is_neg, max_ious, num_samples - num_pos, num_bins, floor_thr, floor_fraction, generator
     )
     return pos_idx, neg_idx
 
@@ -165,87 +172,161 @@ def _instance_balanced_positives(
     order, rank, num_gt = _rank_within_sorted_groups(matched_idxs.index_select(0, cand))
     # rank < round(k / G) + 1, with round-half-to-even in float64 like the official Python round().
     non_primary = rank > torch.div(k, num_gt.to(torch.float64)).round_()
-    return cand.index_select(0, order.index_select(0, _tiered_topk([non_primary], k, generator)))
+    return cand.index_select(0, order.index_select(0, _primary_first(non_primary, k, generator)))
 
 
 def _iou_balanced_negatives(
-    negative: torch.Tensor,
+    is_neg: torch.Tensor,
     max_ious: torch.Tensor,
-    k: int,
+    quota: int,
     num_bins: int,
     floor_thr: float,
     floor_fraction: float,
     generator: Optional[torch.Generator],
 ) -> torch.Tensor:
     """
-    Pick ``k`` of the ``negative`` indices, IoU-balanced with an optional floor set
+    Indices of ``min(quota, #negatives)`` negatives, IoU-balanced with an optional floor set
     (see :func:`iou_balanced_subsample`).
-    """
-    num_cand = negative.numel()
-    if k >= num_cand:
-        return negative
-    if k == 0:
-        return negative[:0]
-    perm = torch.randperm(num_cand, device=negative.device, generator=generator)
-    cand = negative.index_select(0, perm)
-    ious = max_ious.index_select(0, cand)
-    # Bins over [lo, max IoU of all proposals): bin = floor((iou - lo) / width), clamped to
-    # [0, num_bins - 1]. clamp_min avoids 0/0 for an empty range; every IoU-sampling negative then
-    # lands in one bin (its ious are all equal to max <= lo).
-    if floor_thr > 0:
-        bins_per_iou = torch.div(num_bins, (max_ious.max() - floor_thr).clamp_min(1e-12))
-        scaled = (ious - floor_thr).mul_(bins_per_iou)
-    else:
-        scaled = ious * torch.div(num_bins, max_ious.max().clamp_min(1e-12))
-    group = scaled.clamp_(0, num_bins - 1).to(torch.int64)
-    num_balanced = int(k * (1 - floor_fraction))  # official: int(num_expected * (1 - fraction))
-    bin_cap = int(num_balanced / num_bins)
-
-    if floor_thr < 0:
-        non_primary = _count_within_groups(group, num_bins) > bin_cap
-        return cand.index_select(0, _tiered_topk([non_primary], k, generator))
-
-    in_floor = ious == 0 if floor_thr == 0 else ious < floor_thr
-    # The floor set is group `num_bins`; its cap is what the IoU-sampling set leaves of k.
-    group = torch.where(in_floor, num_bins, group)
-    caps = torch.full((num_bins + 1,), bin_cap, dtype=torch.int64, device=negative.device)
-    caps[num_bins] = k - (num_cand - in_floor.sum()).clamp(max=num_balanced)
-    non_primary = _count_within_groups(group, num_bins + 1) > caps.index_select(0, group)
-    # Fill order: IoU-sampling leftovers (tier 1) before floor leftovers (tier 2).
-    tiers = [non_primary, non_primary & in_floor]
-    return cand.index_select(0, _tiered_topk(tiers, k, generator))
-
-
-def _count_within_groups(group: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """
-    1-based rank of each candidate inside its group, in the order given.
-
-    The callers shuffle the candidates first, so that ``count <= cap`` keeps a uniformly random
-    subset of ``min(cap, size)`` members of each group.
 
     Args:
-        group (Tensor): int64 [M], group id of each candidate, in [0, num_groups).
-        num_groups (int): number of groups (a few).
+        is_neg (Tensor): bool [N], which proposals are negatives.
+        max_ious (Tensor): float [N].
+        quota (int): number of negatives wanted.
 
     Returns:
-        Tensor: int64 [M], ``count[i] = #{j <= i : group[j] == group[i]}``.
+        Tensor: int64 [min(quota, #negatives)], indices into the N proposals.
+    """
+    num_props = is_neg.numel()
+    device = is_neg.device
+    if num_props == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    # Group of every proposal: IoU bins 0 .. num_bins - 1 over [lo, max IoU of all proposals)
+    # (half-open like the official bins; the top value goes to the last bin), then the floor set
+    # (if any), then one last group for the non-negatives, which are never picked.
+    lo = max(floor_thr, 0.0)
+    width = max(float(max_ious.max()) - lo, 1e-12) / num_bins  # host read 1 of 2
+    num_groups = num_bins + (floor_thr >= 0)
+    # edges: lo + width * (1, .., num_bins - 1), then inf to put the non-negatives (IoU set to inf)
+    # past the floor group.
+    steps = _steps(num_bins, num_groups - num_bins + 1, max_ious.dtype, device)
+    edges = steps.mul(width).add_(lo) if lo > 0 else steps.mul(width)
+    ious = torch.where(is_neg, max_ious, steps[-1])
+    group = torch.bucketize(ious, edges, right=True)
+    if floor_thr >= 0:
+        group.masked_fill_(ious == 0 if floor_thr == 0 else ious < floor_thr, num_bins)
+
+    # Shuffle once; the first `limit[g]` members of group g in this order are a uniformly random
+    # subset of it.
+    perm = torch.randperm(num_props, device=device, generator=generator)
+    group = group.index_select(0, perm)
+    sizes, take_first = _group_ranks(group, num_groups)  # host read 2 of 2
+    num_neg = sum(sizes)
+    k = min(quota, num_neg)
+
+    # Primary picks: min(cap, size) per group. The shortfall is drawn uniformly from the
+    # IoU-sampling leftovers first, then from the floor leftovers; only how many of the draws land
+    # in each group matters (a multivariate hypergeometric split).
+    num_balanced = int(k * (1 - floor_fraction))  # official: int(num_expected * (1 - fraction))
+    caps = [int(num_balanced / num_bins)] * num_bins
+    if floor_thr >= 0:
+        caps.append(k - min(num_neg - sizes[num_bins], num_balanced))
+    primary = [min(c, n) for c, n in zip(caps, sizes)]
+    leftover = [n - p for n, p in zip(sizes, primary)]
+    shortfall = k - sum(primary)
+    from_bins = min(shortfall, sum(leftover[:num_bins]))
+    fill = _hypergeometric_split(leftover[:num_bins], from_bins, device, generator)
+    fill += [shortfall - from_bins] * (num_groups - num_bins)
+    keep = take_first([p + f for p, f in zip(primary, fill)])
+    return perm.index_select(0, keep)
+
+
+def _group_ranks(
+    group: torch.Tensor, num_groups: int
+) -> Tuple[List[int], Callable[[List[int]], torch.Tensor]]:
+    """
+    Group sizes, and a selector of each group's first members in the order given.
+
+    Args:
+        group (Tensor): int64 [M], M >= 1, group id of each candidate in [0, num_groups]; the
+            candidates of group ``num_groups`` are not counted and never selected.
+        num_groups (int): number of counted groups (a few).
+
+    Returns:
+        sizes (list[int]): the ``num_groups`` group sizes, read back to the host.
+        take_first (callable): ``take_first(limits)``, ``limits`` a list of ``num_groups`` ints,
+            returns the int64 positions ``i`` with ``rank[i] <= limits[group[i]]``, where
+            ``rank[i] = #{j <= i : group[j] == group[i]}``, in increasing order.
     """
     bits = 63 // num_groups
-    if group.numel() < (1 << bits):
-        # One `bits`-wide counter per group packed into an int64 (group g in bits
-        # [g * bits, (g + 1) * bits)): a single 1-D cumsum counts every group at once.
-        shift = group.mul(bits)
-        counts = torch.bitwise_left_shift(1, shift).cumsum_(0)
-        return (counts >> shift).bitwise_and_((1 << bits) - 1)
-    one_hot = group[:, None] == torch.arange(num_groups, device=group.device)
-    return one_hot.cumsum(0).gather(1, group[:, None]).squeeze(1)
+    half = 1 << (bits - 1)
+    if group.numel() >= half:
+        one_hot = group[:, None] == torch.arange(num_groups, device=group.device)
+        counts = one_hot.cumsum(0)
+        rank = counts.gather(1, group.clamp(max=num_groups - 1)[:, None]).squeeze(1)
+
+        def take_first(limits: List[int]) -> torch.Tensor:
+            limit = torch.tensor(limits + [-1], device=group.device).index_select(0, group)
+            return torch.nonzero(rank <= limit).squeeze(1)
+
+        return counts[-1].tolist(), take_first
+
+    # One `bits`-wide counter per group packed into an int64 (group g in bits
+    # [g * bits, (g + 1) * bits)): a single 1-D cumsum counts every group at once, and its last
+    # element holds all the group sizes.
+    unit = _packed_units(num_groups, bits, group.device).index_select(0, group)
+    counts = unit.cumsum(0)
+    total = int(counts[-1])
+    sizes = [(total >> (g * bits)) & (2 * half - 1) for g in range(num_groups)]
+
+    def take_first(limits: List[int]) -> torch.Tensor:
+        # Field g of `offset - counts` is limits[g] + half - rank: its top bit (value `half`) is
+        # set exactly when rank <= limits[g]. No field borrows (rank <= M < half) or overflows
+        # (limits[g] <= M < half), so one subtraction tests every group at once; `unit * half`
+        # picks the top bit of each candidate's own field (0 for the uncounted group).
+        offset = sum((limit + half) << (g * bits) for g, limit in enumerate(limits))
+        return torch.nonzero(torch.rsub(counts, offset).bitwise_and_(unit.mul_(half))).squeeze(1)
+
+    return sizes, take_first
+
+
+@functools.lru_cache(maxsize=32)
+def _steps(num_bins: int, num_inf: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[num_bins - 1 + num_inf]: 1, 2, .., num_bins - 1, then num_inf times inf (read-only)."""
+    return torch.tensor([*range(1, num_bins), *[math.inf] * num_inf], dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _packed_units(num_groups: int, bits: int, device: torch.device) -> torch.Tensor:
+    """int64 [num_groups + 1]: 2 ** (g * bits) for each counted group g, then 0 (read-only)."""
+    return torch.tensor([1 << (g * bits) for g in range(num_groups)] + [0], device=device)
+
+
+def _hypergeometric_split(
+    sizes: List[int], n: int, device: torch.device, generator: Optional[torch.Generator]
+) -> List[int]:
+    """
+    How many members of each category a uniformly random ``n``-subset of a population holds,
+    the population having ``sizes[c]`` members in category ``c`` (``n <= sum(sizes)``).
+
+    Deterministic (no random draw) when ``n`` is 0 or everything, or when only one category has
+    members -- the usual case for IoU-balanced negatives, where only the lowest bin overflows.
+    """
+    total = sum(sizes)
+    if n == total:
+        return list(sizes)
+    if n == 0 or max(sizes) == total:  # nothing to draw, or a single non-empty category
+        return [n if s == total else 0 for s in sizes]
+    drawn = torch.randperm(total, device=device, generator=generator)[:n]
+    edges = torch.tensor(list(itertools.accumulate(sizes[:-1])), device=device)
+    counts = torch.bucketize(drawn, edges, right=True).bincount(minlength=len(sizes))
+    return counts.tolist()
 
 
 def _rank_within_sorted_groups(
     group: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
-    Like :func:`_count_within_groups` for any number of groups (ids not known on the host), by
+    Like :func:`_group_ranks` for any number of groups (ids not known on the host), by
     sorting the candidates by (group, position).
 
     Args:
@@ -267,25 +348,21 @@ def _rank_within_sorted_groups(
     return order, position - first_of_group, is_first.count_nonzero()
 
 
-def _tiered_topk(
-    tiers: List[torch.Tensor], k: int, generator: Optional[torch.Generator]
+def _primary_first(
+    non_primary: torch.Tensor, k: int, generator: Optional[torch.Generator]
 ) -> torch.Tensor:
     """
-    Positions of ``k`` candidates, taken in increasing tier (a candidate's tier is the number of
-    ``tiers`` masks it is in; tier 0 = primary) and uniformly at random inside a tier: a random
-    subset of the primary candidates if there are more than ``k``, otherwise all of them and
-    random fills.
+    Positions of ``k`` candidates: a uniformly random subset of the primary ones if there are
+    more than ``k``, otherwise all of them plus a uniformly random fill from the others.
 
     Args:
-        tiers (list[Tensor]): bool [M] masks.
+        non_primary (Tensor): bool [M].
         k (int): number to pick, ``k <= M``.
         generator (torch.Generator, optional): random generator.
 
     Returns:
         Tensor: int64 [k], distinct positions into the M candidates.
     """
-    # A fresh key in [0, 1), independent of how the tiers were drawn, makes each fill uniform.
-    score = torch.rand(tiers[0].numel(), generator=generator, device=tiers[0].device)
-    for tier in tiers:
-        score += tier
-    return torch.topk(score, k, largest=False, sorted=False).indices
+    # A fresh key in [0, 1), independent of how the primaries were drawn, makes the fill uniform.
+    score = torch.rand(non_primary.numel(), generator=generator, device=non_primary.device)
+    return torch.topk(score.add_(non_primary), k, largest=False, sorted=False).indices
