@@ -241,6 +241,11 @@ def main():
         "--threads", type=int, default=1, help="torch CPU threads (0 = leave torch's default)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--separate",
+        action="store_true",
+        help="time each method in its own loop instead of interleaving them (warmer caches)",
+    )
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args()
 
@@ -267,10 +272,21 @@ def main():
         ]
         times = {name: [] for name in methods}
         stats = {name: dict(num_pos=[], num_neg=[], neg_iou_ge_0_1=[]) for name in methods}
-        for it in range(args.warmup + args.repeats):
+        names = list(methods)
+        if args.separate:
+            # Each method in its own loop (warm caches, as in a micro-benchmark).
+            schedule = [(it, [name]) for name in names for it in range(args.warmup + args.repeats)]
+        else:
+            # Interleave the methods so that machine noise hits them alike, and rotate their
+            # order so that none always runs right after the cache-thrashing official one.
+            schedule = [
+                (it, names[it % len(names) :] + names[: it % len(names)])
+                for it in range(args.warmup + args.repeats)
+            ]
+        for it, order in schedule:
             x = images[it % len(images)]
-            # Interleave the methods so that machine noise hits them alike.
-            for name, fn in methods.items():
+            for name in order:
+                fn = methods[name]
                 sync()
                 t0 = time.perf_counter()
                 pos, neg = fn(x)
@@ -303,7 +319,8 @@ def main():
 
     print(
         f"\ndevice={device} threads={torch.get_num_threads()} torch={torch.__version__} "
-        f"num_samples={ns} positive_fraction={pf} num_gt={args.num_gt} repeats={args.repeats}\n"
+        f"num_samples={ns} positive_fraction={pf} num_gt={args.num_gt} repeats={args.repeats} "
+        f"timing={'separate loops' if args.separate else 'interleaved, rotated'}\n"
     )
     print(
         "| proposals (+GT) | pos / neg candidates | ours (us) | subsample_labels (us) "

@@ -206,11 +206,9 @@ def _iou_balanced_negatives(
     lo = max(floor_thr, 0.0)
     width = max(float(max_ious.max()) - lo, 1e-12) / num_bins  # host read 1 of 2
     num_groups = num_bins + (floor_thr >= 0)
-    # edges: lo + width * (1, .., num_bins - 1), then inf to put the non-negatives (IoU set to inf)
-    # past the floor group.
-    steps = _steps(num_bins, num_groups - num_bins + 1, max_ious.dtype, device)
-    edges = steps.mul(width).add_(lo) if lo > 0 else steps.mul(width)
-    ious = torch.where(is_neg, max_ious, steps[-1])
+    # The non-negatives get IoU inf, past the last edge (inf), behind the floor group.
+    edges = _bin_edges(lo, width, num_bins, num_groups - num_bins + 1, max_ious.dtype, device)
+    ious = torch.where(is_neg, max_ious, edges[-1])
     group = torch.bucketize(ious, edges, right=True)
     if floor_thr >= 0:
         group.masked_fill_(ious == 0 if floor_thr == 0 else ious < floor_thr, num_bins)
@@ -289,10 +287,17 @@ def _group_ranks(
     return sizes, take_first
 
 
-@functools.lru_cache(maxsize=32)
-def _steps(num_bins: int, num_inf: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[num_bins - 1 + num_inf]: 1, 2, .., num_bins - 1, then num_inf times inf (read-only)."""
-    return torch.tensor([*range(1, num_bins), *[math.inf] * num_inf], dtype=dtype, device=device)
+@functools.lru_cache(maxsize=64)
+def _bin_edges(
+    lo: float, width: float, num_bins: int, num_inf: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """
+    Read-only [num_bins - 1 + num_inf]: ``lo + i * width`` for i = 1 .. num_bins - 1, then
+    ``num_inf`` times inf. Cached: during training the maximum IoU is 1.0 (ground truth appended
+    as proposals), so the edges are the same on every call.
+    """
+    edges = [lo + i * width for i in range(1, num_bins)] + [math.inf] * num_inf
+    return torch.tensor(edges, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=32)
