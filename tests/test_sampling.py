@@ -205,6 +205,19 @@ def test_negative_at_the_top_of_the_range_is_in_the_last_bin():
         assert b0 >= 100 and b1 >= 100 and b0 + b1 == 299
 
 
+def test_iou_on_a_bin_edge_belongs_to_the_upper_bin():
+    # Max IoU 0.75 (a positive) -> edges 0.25 and 0.5, exact in float32. Bins are half-open like
+    # the official [start, end): the negatives at exactly 0.25 and 0.5 are alone in bins 1 and 2
+    # and always sampled; in bin 0 each would be picked with probability 148 / 300.
+    labels, ious, matched = _inputs(
+        torch.cat([torch.zeros(300), torch.tensor([0.25, 0.5])]), [0.75]
+    )
+    for seed in range(20):
+        torch.manual_seed(seed)
+        _, neg = iou_balanced_subsample(labels, ious, matched, 151, 0.25, BG)
+        assert neg.numel() == 150 and {300, 301} <= set(neg.tolist())
+
+
 @pytest.mark.parametrize("value", [0.0, 0.3])
 def test_all_negatives_with_the_same_iou(value):
     # Image without GT (all IoU 0, empty range) or all at one IoU (everything at the top): one

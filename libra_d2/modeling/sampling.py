@@ -92,9 +92,9 @@ def iou_balanced_subsample(
     * Positives: exactly ``min(q, #positives)`` distinct indices. The official fill step builds
       Python sets of 0-d tensors (hashed by identity), so it can pick duplicates that are later
       dropped, returning fewer positives than the quota.
-    * Bin membership is computed as ``floor((iou - lo) * num_bins / (max - lo))``, which can
-      differ from the official ``lo + i * width <= iou`` comparisons for an IoU within rounding
-      error of a bin edge.
+    * Bin membership uses the official ``lo + i * width <= iou`` comparisons, but the edges are
+      computed in float64 and rounded once to the IoUs' dtype, so an IoU within rounding error of
+      an edge can land in the neighbouring bin.
     * ``floor_fraction`` is honoured even when ``floor_thr < 0`` (the IoU-balanced part then gets
       ``int(q * (1 - floor_fraction))`` and the rest is a uniform fill), as in the official code;
       the official constructor rejects ``floor_thr`` values other than -1 below 0, this function
