@@ -207,8 +207,8 @@ def _iou_balanced_negatives(
     width = max(float(max_ious.max()) - lo, 1e-12) / num_bins  # host read 1 of 2
     num_groups = num_bins + (floor_thr >= 0)
     # The non-negatives get IoU inf, past the last edge (inf), behind the floor group.
-    edges = _bin_edges(lo, width, num_bins, num_groups - num_bins + 1, max_ious.dtype, device)
-    ious = torch.where(is_neg, max_ious, edges[-1])
+    edges, inf = _bin_edges(lo, width, num_bins, num_groups - num_bins + 1, max_ious.dtype, device)
+    ious = torch.where(is_neg, max_ious, inf)
     group = torch.bucketize(ious, edges, right=True)
     if floor_thr >= 0:
         group.masked_fill_(ious == 0 if floor_thr == 0 else ious < floor_thr, num_bins)
@@ -290,14 +290,15 @@ def _group_ranks(
 @functools.lru_cache(maxsize=64)
 def _bin_edges(
     lo: float, width: float, num_bins: int, num_inf: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Read-only [num_bins - 1 + num_inf]: ``lo + i * width`` for i = 1 .. num_bins - 1, then
-    ``num_inf`` times inf. Cached: during training the maximum IoU is 1.0 (ground truth appended
-    as proposals), so the edges are the same on every call.
+    ``num_inf`` times inf; and a 0-d inf. Cached: during training the maximum IoU is 1.0 (ground
+    truth appended as proposals), so the edges are the same on every call.
     """
     edges = [lo + i * width for i in range(1, num_bins)] + [math.inf] * num_inf
-    return torch.tensor(edges, dtype=dtype, device=device)
+    edges = torch.tensor(edges, dtype=dtype, device=device)
+    return edges, edges[-1]
 
 
 @functools.lru_cache(maxsize=32)
