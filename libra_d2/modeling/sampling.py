@@ -75,9 +75,10 @@ def iou_balanced_subsample(
     result has the distribution of the official sampler; one subtraction and one bit test on
     the packed counters select them. Positives (only when there are more than ``q``): shuffled,
     ranked inside their ground truth by a sort, and a ``topk`` over ``fresh uniform key +
-    (rank >= cap)`` keeps the primary ones first. There is no Python loop over proposals or
-    bins; the host reads the positive count (``nonzero``, as ``subsample_labels``), the maximum
-    IoU and the packed group sizes (two scalars), and a few ints per call.
+    (rank >= cap)`` keeps the primary ones first. There is no Python loop over proposals and no
+    tensor operation per bin (only the host arithmetic on a few ints loops over bins); the host
+    reads the positive count (``nonzero``, as ``subsample_labels``), the maximum IoU and the
+    packed group sizes, plus the hypergeometric split when one is drawn.
 
     Differences from the official code (deliberate):
 
