@@ -19,6 +19,11 @@ Inputs are realistic second-stage inputs: ``N`` proposals per image (70% scatter
 proposals (as detectron2 does), matched with detectron2's ``Matcher`` at IoU 0.5. Most negatives
 then have an IoU near 0.
 
+Timing: by default the three methods are called one after the other on each input, in an order
+that rotates every round (caches about as cold as inside a training step, and machine noise hits
+all three alike); ``--separate`` times each method in its own loop instead (warm caches). The
+table reports medians and the two target ratios at each size.
+
 Example::
 
     python benchmarks/bench_sampler.py --num-proposals 1000 2000 10000 --device cpu --json out.json
