@@ -232,7 +232,50 @@ def official_sample(
 
 
 # --------------------------------------------------------------------------------------------
-def main():
+DISTRIBUTION_CONFIGS = [
+    dict(floor_thr=-1.0, floor_fraction=0.0),  # the official first call / this project's default
+    dict(floor_thr=0.0, floor_fraction=0.0),  # the official sampler from its second call on
+    dict(floor_thr=0.1, floor_fraction=0.5),
+    dict(floor_thr=-1.0, floor_fraction=0.3),
+]
+IOU_EDGES = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
+
+
+def compare_distributions(x, draws, num_samples, positive_fraction):
+    """
+    Mean number of sampled negatives per IoU range, ours vs the official algorithm, over
+    ``draws`` seeded draws on one image, for each of DISTRIBUTION_CONFIGS.
+
+    Returns:
+        list of dict(config, ours, official): the two lists of per-range means.
+    """
+    ious = x["max_ious"].cpu().numpy()
+    rows = []
+    for config in DISTRIBUTION_CONFIGS:
+        hist = {"ours": np.zeros(len(IOU_EDGES) - 1), "official": np.zeros(len(IOU_EDGES) - 1)}
+        for seed in range(draws):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            _, ours = iou_balanced_subsample(
+                x["labels"],
+                x["max_ious"],
+                x["matched_idxs"],
+                num_samples,
+                positive_fraction,
+                NUM_CLASSES,
+                **config,
+            )
+            _, official = official_sample(
+                x["gt_inds"], x["max_ious"], num_samples, positive_fraction, **config
+            )
+            for name, idx in (("ours", ours), ("official", official)):
+                hist[name] += np.histogram(ious[idx.cpu().numpy()], IOU_EDGES)[0]
+        rows.append(dict(config=config, **{k: (v / draws).tolist() for k, v in hist.items()}))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-proposals", type=int, nargs="+", default=[1000, 2000, 10000])
     parser.add_argument("--num-samples", type=int, default=512)
@@ -251,8 +294,16 @@ def main():
         action="store_true",
         help="time each method in its own loop instead of interleaving them (warmer caches)",
     )
+    parser.add_argument(
+        "--distribution",
+        type=int,
+        default=0,
+        metavar="DRAWS",
+        help="also compare which negatives ours and the official algorithm pick (mean count per "
+        "IoU range over DRAWS seeded draws on one image of the largest size, several configs)",
+    )
     parser.add_argument("--json", default=None, help="write the results to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -352,9 +403,26 @@ def main():
             f"  N={r['num_proposals']}: negative candidates {r['neg_candidates_iou_ge_0_1']:.2f}; "
             f"sampled: {shares}"
         )
+    distribution = []
+    if args.distribution > 0:
+        n = max(args.num_proposals)
+        x = make_inputs(n, args.num_gt, device, args.seed * 1000)
+        distribution = compare_distributions(x, args.distribution, ns, pf)
+        ranges = [f"[{lo:g}, {hi:g})" for lo, hi in zip(IOU_EDGES[:-1], IOU_EDGES[1:])]
+        print(
+            f"\nMean sampled negatives per IoU range, {n + args.num_gt} proposals, "
+            f"{args.distribution} draws (ours / official):"
+        )
+        print("| config | " + " | ".join(ranges) + " |")
+        print("|---" * (len(ranges) + 1) + "|")
+        for row in distribution:
+            config = ", ".join(f"{k}={v}" for k, v in row["config"].items())
+            cells = " | ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(row["ours"], row["official"]))
+            print(f"| {config} | {cells} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), device=str(device), results=results), f, indent=2)
+            out = dict(args=vars(args), device=str(device), results=results)
+            json.dump(dict(out, distribution=distribution), f, indent=2)
         print(f"\nwrote {args.json}")
 
 

@@ -1,5 +1,6 @@
-"""The user-facing scripts: benchmarks/bench_libra.py, benchmarks/plot_sampling.py,
-benchmarks/plot_curves.py and demo.py — argument handling and tiny runs that write their files."""
+"""The user-facing scripts: benchmarks/bench_libra.py, benchmarks/bench_sampler.py,
+benchmarks/plot_sampling.py, benchmarks/plot_curves.py and demo.py — argument handling and tiny
+runs that write their files."""
 
 import importlib.util
 import json
@@ -30,6 +31,11 @@ def _load(relpath):
 @pytest.fixture(scope="module")
 def bench_libra():
     return _load("benchmarks/bench_libra.py")
+
+
+@pytest.fixture(scope="module")
+def bench_sampler():
+    return _load("benchmarks/bench_sampler.py")
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +162,32 @@ def test_bench_libra_tiny_shapes_run(bench_libra, shapes_dataset, tmp_path, caps
     assert res["micro"]["bfp"]["padded_size"] == [64, 96]
     assert {t["result"] for t in res["targets"]} <= {"met", "NOT met"}
     assert len(res["targets"]) == 3 + 2
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_bench_sampler_tiny_run(bench_sampler, tmp_path, capsys, separate):
+    out = tmp_path / "sampler.json"
+    argv = ["--num-proposals", "300", "600", "--repeats", "3", "--warmup", "1",
+            "--distribution", "4", "--json", str(out)]  # fmt: skip
+    argv += ["--separate"] if separate else []
+    bench_sampler.main(argv)
+    printed = capsys.readouterr().out
+    assert ("separate loops" in printed) == separate
+    res = json.loads(out.read_text())
+    assert [r["num_proposals"] for r in res["results"]] == [310, 610]
+    for r in res["results"]:
+        med = r["median_us"]
+        assert r["ours_over_subsample_labels"] == pytest.approx(
+            med["ours"] / med["subsample_labels"]
+        )
+        assert r["official_over_ours"] == pytest.approx(med["official"] / med["ours"])
+        # All three draw exactly as many samples (the official positive bug needs > 128 positives).
+        counts = {k: (v["num_pos"], v["num_neg"]) for k, v in r["mean_sampled"].items()}
+        assert counts["ours"] == counts["subsample_labels"] == counts["official"]
+    assert len(res["distribution"]) == len(bench_sampler.DISTRIBUTION_CONFIGS)
+    for row in res["distribution"]:
+        assert len(row["ours"]) == len(bench_sampler.IOU_EDGES) - 1
+        assert sum(row["ours"]) == pytest.approx(sum(row["official"]))  # same number of negatives
 
 
 def test_plot_sampling_random_init(plot_sampling, tiny_val, tmp_path, caplog, capsys):
