@@ -63,7 +63,6 @@ from detectron2.data import DatasetCatalog, DatasetMapper  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
 from detectron2.modeling import build_backbone, build_model  # noqa: E402
-from detectron2.modeling.sampling import subsample_labels  # noqa: E402
 from detectron2.solver import build_optimizer  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.analysis import FlopCountAnalysis  # noqa: E402
@@ -72,7 +71,7 @@ from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
 from libra_d2.checks import SetupError, load_config  # noqa: E402
 from libra_d2.data import ensure_shapes_dataset, is_shapes_dataset  # noqa: E402
-from libra_d2.modeling import BalancedFeaturePyramid, iou_balanced_subsample  # noqa: E402
+from libra_d2.modeling import BalancedFeaturePyramid  # noqa: E402
 
 COCO_DIR = "configs/COCO-Detection"
 SHAPES_DIR = "configs/libra_shapes"
@@ -448,27 +447,6 @@ def synchronizer(device):
     return lambda: None
 
 
-def time_alternating(names, fn, warmup, iters, sync):
-    """
-    Call ``fn(name, it)`` for every name, ``warmup + iters`` rounds, rotating the order each
-    round so that drift and order effects hit every name alike.
-
-    Returns:
-        dict name -> list of ``iters`` durations in seconds.
-    """
-    times = {n: [] for n in names}
-    for it in range(warmup + iters):
-        k = it % len(names)
-        for name in names[k:] + names[:k]:
-            sync()
-            t0 = time.perf_counter()
-            fn(name, it)
-            sync()
-            if it >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def summarize(times_s):
     ms = [t * 1e3 for t in times_s]
     return dict(
@@ -630,14 +608,8 @@ def bench_samplers(args, sync):
     threads = torch.get_num_threads()
     if args.sampler_threads > 0:
         torch.set_num_threads(args.sampler_threads)
-    ns, pf, bg = 512, 0.25, bench_sampler.NUM_CLASSES
-    methods = {
-        "ours": lambda x: iou_balanced_subsample(
-            x["labels"], x["max_ious"], x["matched_idxs"], ns, pf, bg
-        ),
-        "subsample_labels": lambda x: subsample_labels(x["labels"], ns, pf, bg),
-        "official": lambda x: bench_sampler.official_sample(x["gt_inds"], x["max_ious"], ns, pf),
-    }
+    ns, pf = 512, 0.25
+    methods = bench_sampler.sampler_methods(ns, pf)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     rows = []
@@ -647,7 +619,7 @@ def bench_samplers(args, sync):
                 bench_sampler.make_inputs(n, 10, args.device, args.seed * 1000 + i)
                 for i in range(4)
             ]
-            times = time_alternating(
+            times = bench_sampler.time_rounds(
                 list(methods),
                 lambda name, it: methods[name](images[it % len(images)]),
                 max(1, args.sampler_repeats // 10),
@@ -692,7 +664,9 @@ def bench_bfp(args, sync):
     )
     fns = {"fpn_backbone": lambda: backbone(x), "bfp": lambda: bfp(levels)}
     with torch.no_grad():
-        times = time_alternating(list(fns), lambda name, it: fns[name](), 1, args.micro_iters, sync)
+        times = bench_sampler.time_rounds(
+            list(fns), lambda name, it: fns[name](), 1, args.micro_iters, sync
+        )
     out = dict(
         config=args.micro_config,
         backbone=cfg.MODEL.BACKBONE.NAME,
@@ -943,7 +917,7 @@ def main(argv=None):
     names = [n for n, _, _ in models]
 
     t0 = time.perf_counter()
-    train_times = time_alternating(
+    train_times = bench_sampler.time_rounds(
         names,
         lambda name, it: benches[name].train_step(batches[it % len(batches)]),
         args.warmup,
@@ -954,7 +928,7 @@ def main(argv=None):
     for b in benches.values():
         b.optimizer.zero_grad()
     t0 = time.perf_counter()
-    infer_times = time_alternating(
+    infer_times = bench_sampler.time_rounds(
         names,
         lambda name, it: benches[name].infer(infer_inputs[it % len(infer_inputs)]),
         args.warmup,

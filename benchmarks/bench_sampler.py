@@ -232,6 +232,50 @@ def official_sample(
 
 
 # --------------------------------------------------------------------------------------------
+def sampler_methods(num_samples, positive_fraction):
+    """The three samplers compared, each a function of one ``make_inputs`` dict -> (pos, neg)."""
+    ns, pf, bg = num_samples, positive_fraction, NUM_CLASSES
+    return {
+        "ours": lambda x: iou_balanced_subsample(
+            x["labels"], x["max_ious"], x["matched_idxs"], ns, pf, bg
+        ),
+        "subsample_labels": lambda x: subsample_labels(x["labels"], ns, pf, bg),
+        "official": lambda x: official_sample(x["gt_inds"], x["max_ious"], ns, pf),
+    }
+
+
+def time_rounds(names, fn, warmup, iters, sync, separate=False, after=None):
+    """
+    Time ``fn(name, it)`` for every name over ``warmup + iters`` rounds ``it``.
+
+    By default the names take turns within each round, in an order that rotates every round, so
+    that drift, noise and order effects (e.g. running right after a cache-thrashing call) hit
+    every name alike; ``separate=True`` runs all rounds of one name before the next (warm caches).
+    ``after(name, it, result)``, if given, is called untimed after each timed call.
+
+    Returns:
+        dict name -> list of ``iters`` durations in seconds.
+    """
+    rounds = range(warmup + iters)
+    if separate:
+        schedule = [(it, [name]) for name in names for it in rounds]
+    else:
+        schedule = [(it, names[it % len(names) :] + names[: it % len(names)]) for it in rounds]
+    times = {n: [] for n in names}
+    for it, order in schedule:
+        for name in order:
+            sync()
+            t0 = time.perf_counter()
+            result = fn(name, it)
+            sync()
+            if it >= warmup:
+                times[name].append(time.perf_counter() - t0)
+                if after is not None:
+                    after(name, it, result)
+    return times
+
+
+# --------------------------------------------------------------------------------------------
 DISTRIBUTION_CONFIGS = [
     dict(floor_thr=-1.0, floor_fraction=0.0),  # the official first call / this project's default
     dict(floor_thr=0.0, floor_fraction=0.0),  # the official sampler from its second call on
@@ -313,47 +357,32 @@ def main(argv=None):
     np.random.seed(args.seed)
     ns, pf, bg = args.num_samples, args.positive_fraction, NUM_CLASSES
 
-    methods = {
-        "ours": lambda x: iou_balanced_subsample(
-            x["labels"], x["max_ious"], x["matched_idxs"], ns, pf, bg
-        ),
-        "subsample_labels": lambda x: subsample_labels(x["labels"], ns, pf, bg),
-        "official": lambda x: official_sample(x["gt_inds"], x["max_ious"], ns, pf),
-    }
+    methods = sampler_methods(ns, pf)
     results = []
     for num_props in args.num_proposals:
         images = [
             make_inputs(num_props, args.num_gt, device, args.seed * 1000 + i)
             for i in range(args.num_images)
         ]
-        times = {name: [] for name in methods}
         stats = {name: dict(num_pos=[], num_neg=[], neg_iou_ge_0_1=[]) for name in methods}
-        names = list(methods)
-        if args.separate:
-            # Each method in its own loop (warm caches, as in a micro-benchmark).
-            schedule = [(it, [name]) for name in names for it in range(args.warmup + args.repeats)]
-        else:
-            # Interleave the methods so that machine noise hits them alike, and rotate their
-            # order so that none always runs right after the cache-thrashing official one.
-            schedule = [
-                (it, names[it % len(names) :] + names[: it % len(names)])
-                for it in range(args.warmup + args.repeats)
-            ]
-        for it, order in schedule:
+
+        def record(name, it, result):
+            pos, neg = result
+            s = stats[name]
+            s["num_pos"].append(pos.numel())
+            s["num_neg"].append(neg.numel())
             x = images[it % len(images)]
-            for name in order:
-                fn = methods[name]
-                sync()
-                t0 = time.perf_counter()
-                pos, neg = fn(x)
-                sync()
-                dt = time.perf_counter() - t0
-                if it >= args.warmup:
-                    times[name].append(dt)
-                    s = stats[name]
-                    s["num_pos"].append(pos.numel())
-                    s["num_neg"].append(neg.numel())
-                    s["neg_iou_ge_0_1"].append((x["max_ious"][neg] >= 0.1).float().mean().item())
+            s["neg_iou_ge_0_1"].append((x["max_ious"][neg] >= 0.1).float().mean().item())
+
+        times = time_rounds(
+            list(methods),
+            lambda name, it: methods[name](images[it % len(images)]),
+            args.warmup,
+            args.repeats,
+            sync,
+            separate=args.separate,
+            after=record,
+        )
         med = {name: statistics.median(t) * 1e6 for name, t in times.items()}
         x0 = images[0]
         neg_mask = x0["labels"] == bg
