@@ -161,10 +161,9 @@ def _instance_balanced_positives(
 ) -> torch.Tensor:
     """
     Pick ``k`` of the ``positive`` indices, at most ``round(k / G) + 1`` per matched ground truth
-    first, then at random from the rest (see :func:`iou_balanced_subsample`).
+    first, then at random from the rest (see :func:`iou_balanced_subsample`); ``k`` is less
+    than ``positive.numel()`` (the caller returns all positives otherwise).
     """
-    if k >= positive.numel():
-        return positive
     if k == 0:
         return positive[:0]
     perm = torch.randperm(positive.numel(), device=positive.device, generator=generator)
