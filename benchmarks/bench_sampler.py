@@ -1,32 +1,26 @@
 #!/usr/bin/env python
 """
-Time Libra R-CNN's sampling of second-stage training proposals.
+Time Libra R-CNN's sampling of second-stage training proposals and compare it with the official
+algorithm.
 
-Compares, on the same inputs:
+Three samplers run on the same synthetic images (``N`` proposals: 70% scattered over an 800x1333
+image, 30% jittered around ``--num-gt`` ground-truth boxes, the ground truth appended, matched
+with detectron2's ``Matcher`` at IoU 0.5):
 
-* ``ours``: :func:`libra_d2.modeling.sampling.iou_balanced_subsample` (IoU-balanced negatives,
-  instance-balanced positives, vectorised torch);
-* ``subsample_labels``: detectron2's random sampler (the cost floor: what a Faster R-CNN pays);
-* ``official``: a re-implementation, written for this benchmark from the description of the
-  algorithm, of the official numpy/set-based ``InstanceBalancedPosSampler`` +
-  ``IoUBalancedNegSampler`` (mmdetection v1 / Libra_R-CNN release): ``nonzero`` + per-GT loops for
-  positives, Python sets, per-bin ``np.where`` loops, random choices in numpy and
-  ``torch.from_numpy`` round trips, plus the ``unique()`` that mmdetection's ``BaseSampler``
-  applies to both results.
+* ``ours``: :func:`libra_d2.modeling.iou_balanced_subsample` with the default
+  ``MODEL.ROI_HEADS.IOU_BALANCED`` settings;
+* ``subsample_labels``: detectron2's random sampler, what a Faster R-CNN pays;
+* ``official``: a port, for this benchmark, of the official numpy/set-based
+  ``InstanceBalancedPosSampler`` + ``IoUBalancedNegSampler`` (mmdetection v1 / Libra_R-CNN).
 
-Inputs are realistic second-stage inputs: ``N`` proposals per image (70% scattered over an
-800x1333 image, 30% jittered around ~10 ground-truth boxes), the ground-truth boxes appended as
-proposals (as detectron2 does), matched with detectron2's ``Matcher`` at IoU 0.5. Most negatives
-then have an IoU near 0.
-
-Timing: by default the three methods are called one after the other on each input, in an order
-that rotates every round (caches about as cold as inside a training step, and machine noise hits
-all three alike); ``--separate`` times each method in its own loop instead (warm caches). The
-table reports medians and the two target ratios at each size.
+The timing table gives the median time per image (the three called in turn, in an order that
+rotates every round) and the share of hard negatives (IoU > 0.05) each one samples.
+``--distribution DRAWS`` also compares, on one image, the mean number of negatives ours and the
+official port sample per IoU range over DRAWS seeded draws, for several floor settings.
 
 Example::
 
-    python benchmarks/bench_sampler.py --num-proposals 1000 2000 10000 --device cpu --json out.json
+    python benchmarks/bench_sampler.py --num-proposals 1000 2000 10000 --distribution 300
 """
 
 import argparse
@@ -36,13 +30,23 @@ import time
 
 import numpy as np
 import torch
+from detectron2.config import get_cfg
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.sampling import subsample_labels
 from detectron2.structures import Boxes, pairwise_iou
 
-from libra_d2.modeling.sampling import iou_balanced_subsample
+from libra_d2 import add_libra_config
+from libra_d2.modeling import iou_balanced_subsample
 
 NUM_CLASSES = 80
+HARD_IOU = 0.05  # the paper's "hard negative" threshold
+_IB = add_libra_config(get_cfg()).MODEL.ROI_HEADS.IOU_BALANCED
+DEFAULTS = dict(
+    num_bins=_IB.NUM_BINS,
+    floor_thr=_IB.FLOOR_THR,
+    floor_fraction=_IB.FLOOR_FRACTION,
+    instance_balanced_pos=_IB.INSTANCE_BALANCED_POS,
+)
 
 
 def make_inputs(num_proposals, num_gt, device, seed):
@@ -57,27 +61,18 @@ def make_inputs(num_proposals, num_gt, device, seed):
     h, w = 800.0, 1333.0
 
     def boxes_from(cx, cy, bw, bh):
-        x0 = (cx - bw / 2).clamp(0, w)
-        y0 = (cy - bh / 2).clamp(0, h)
-        x1 = (cx + bw / 2).clamp(0, w)
-        y1 = (cy + bh / 2).clamp(0, h)
+        x0, x1 = (cx - bw / 2).clamp(0, w), (cx + bw / 2).clamp(0, w)
+        y0, y1 = (cy - bh / 2).clamp(0, h), (cy + bh / 2).clamp(0, h)
         return torch.stack([x0, y0, x1, y1], dim=1)
 
-    size = lambda n: 16 + 300 * torch.rand(n, generator=g) ** 2  # noqa: E731
-    gt = boxes_from(
-        torch.rand(num_gt, generator=g) * w,
-        torch.rand(num_gt, generator=g) * h,
-        size(num_gt),
-        size(num_gt),
-    )
+    def scattered(n):  # uniform centres, sides 16-316 px (mostly small)
+        size = lambda: 16 + 300 * torch.rand(n, generator=g) ** 2  # noqa: E731
+        cx, cy = torch.rand(n, generator=g) * w, torch.rand(n, generator=g) * h
+        return boxes_from(cx, cy, size(), size())
+
+    gt = scattered(num_gt)
     num_near = int(0.3 * num_proposals)
-    num_far = num_proposals - num_near
-    far = boxes_from(
-        torch.rand(num_far, generator=g) * w,
-        torch.rand(num_far, generator=g) * h,
-        size(num_far),
-        size(num_far),
-    )
+    far = scattered(num_proposals - num_near)
     src = gt[torch.randint(num_gt, (num_near,), generator=g)]
     gw, gh = src[:, 2] - src[:, 0], src[:, 3] - src[:, 1]
     jitter = lambda: 0.6 * torch.randn(num_near, generator=g)  # noqa: E731
@@ -100,7 +95,7 @@ def make_inputs(num_proposals, num_gt, device, seed):
 
 
 # --------------------------------------------------------------------------------------------
-# Re-implementation of the official numpy/set-based samplers (benchmark only).
+# Port of the official numpy/set-based samplers (benchmark only).
 # --------------------------------------------------------------------------------------------
 def _official_random_choice(gallery, num):
     """Random subset of a list / ndarray / tensor, as mmdetection's RandomSampler.random_choice."""
@@ -232,52 +227,44 @@ def official_sample(
 
 
 # --------------------------------------------------------------------------------------------
-def sampler_methods(num_samples, positive_fraction):
-    """The three samplers compared, each a function of one ``make_inputs`` dict -> (pos, neg)."""
-    ns, pf, bg = num_samples, positive_fraction, NUM_CLASSES
+def samplers(num_samples, positive_fraction):
+    """The three samplers, each a function of one ``make_inputs`` dict -> (pos_idx, neg_idx)."""
+    ns, pf = num_samples, positive_fraction
     return {
         "ours": lambda x: iou_balanced_subsample(
-            x["labels"], x["max_ious"], x["matched_idxs"], ns, pf, bg
+            x["labels"], x["max_ious"], x["matched_idxs"], ns, pf, NUM_CLASSES, **DEFAULTS
         ),
-        "subsample_labels": lambda x: subsample_labels(x["labels"], ns, pf, bg),
+        "subsample_labels": lambda x: subsample_labels(x["labels"], ns, pf, NUM_CLASSES),
         "official": lambda x: official_sample(x["gt_inds"], x["max_ious"], ns, pf),
     }
 
 
-def time_rounds(names, fn, warmup, iters, sync, separate=False, after=None):
+def time_samplers(images, methods, warmup, repeats, sync):
     """
-    Time ``fn(name, it)`` for every name over ``warmup + iters`` rounds ``it``.
-
-    By default the names take turns within each round, in an order that rotates every round, so
-    that drift, noise and order effects (e.g. running right after a cache-thrashing call) hit
-    every name alike; ``separate=True`` runs all rounds of one name before the next (warm caches).
-    ``after(name, it, result)``, if given, is called untimed after each timed call.
-
-    Returns:
-        dict name -> list of ``iters`` durations in seconds.
+    Median microseconds per call of each method, and the mean share of hard negatives it samples;
+    the methods take turns on each image, in an order that rotates every round.
     """
-    rounds = range(warmup + iters)
-    if separate:
-        schedule = [(it, [name]) for name in names for it in rounds]
-    else:
-        schedule = [(it, names[it % len(names) :] + names[: it % len(names)]) for it in rounds]
+    names = list(methods)
     times = {n: [] for n in names}
-    for it, order in schedule:
-        for name in order:
+    hard = {n: [] for n in names}
+    for it in range(warmup + repeats):
+        x = images[it % len(images)]
+        for name in names[it % 3 :] + names[: it % 3]:
             sync()
             t0 = time.perf_counter()
-            result = fn(name, it)
+            _, neg = methods[name](x)
             sync()
             if it >= warmup:
                 times[name].append(time.perf_counter() - t0)
-                if after is not None:
-                    after(name, it, result)
-    return times
+                hard[name].append(float((x["max_ious"][neg] > HARD_IOU).float().mean()))
+    return {
+        n: dict(median_us=statistics.median(times[n]) * 1e6, hard_share=statistics.mean(hard[n]))
+        for n in names
+    }
 
 
-# --------------------------------------------------------------------------------------------
 DISTRIBUTION_CONFIGS = [
-    dict(floor_thr=-1.0, floor_fraction=0.0),  # the official first call / this project's default
+    dict(floor_thr=-1.0, floor_fraction=0.0),  # the default, and the official first call
     dict(floor_thr=0.0, floor_fraction=0.0),  # the official sampler from its second call on
     dict(floor_thr=0.1, floor_fraction=0.5),
     dict(floor_thr=-1.0, floor_fraction=0.3),
@@ -287,66 +274,58 @@ IOU_EDGES = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
 
 def compare_distributions(x, draws, num_samples, positive_fraction):
     """
-    Mean number of sampled negatives per IoU range, ours vs the official algorithm, over
-    ``draws`` seeded draws on one image, for each of DISTRIBUTION_CONFIGS.
+    Number of sampled negatives per IoU range (``IOU_EDGES``), ours vs the official port, over
+    ``draws`` seeded draws on one image, for each of ``DISTRIBUTION_CONFIGS``.
 
     Returns:
-        list of dict(config, ours, official): the two lists of per-range means.
+        list of dict(config, ours, official), ``ours``/``official`` each a dict of ``mean`` and
+        ``sem`` (standard error of the mean) lists, one value per IoU range.
     """
     ious = x["max_ious"].cpu().numpy()
     rows = []
     for config in DISTRIBUTION_CONFIGS:
-        hist = {"ours": np.zeros(len(IOU_EDGES) - 1), "official": np.zeros(len(IOU_EDGES) - 1)}
+        counts = {"ours": [], "official": []}
         for seed in range(draws):
             torch.manual_seed(seed)
             np.random.seed(seed)
             _, ours = iou_balanced_subsample(
-                x["labels"],
-                x["max_ious"],
-                x["matched_idxs"],
-                num_samples,
-                positive_fraction,
-                NUM_CLASSES,
-                **config,
-            )
+                x["labels"], x["max_ious"], x["matched_idxs"], num_samples, positive_fraction,
+                NUM_CLASSES, **{**DEFAULTS, **config},
+            )  # fmt: skip
             _, official = official_sample(
                 x["gt_inds"], x["max_ious"], num_samples, positive_fraction, **config
             )
             for name, idx in (("ours", ours), ("official", official)):
-                hist[name] += np.histogram(ious[idx.cpu().numpy()], IOU_EDGES)[0]
-        rows.append(dict(config=config, **{k: (v / draws).tolist() for k, v in hist.items()}))
+                counts[name].append(np.histogram(ious[idx.cpu().numpy()], IOU_EDGES)[0])
+        row = dict(config=config)
+        for name, c in counts.items():
+            c = np.array(c, dtype=np.float64)
+            sem = c.std(axis=0, ddof=1) / np.sqrt(draws) if draws > 1 else np.zeros(c.shape[1])
+            row[name] = dict(mean=c.mean(axis=0).tolist(), sem=sem.tolist())
+        rows.append(row)
     return rows
 
 
-# --------------------------------------------------------------------------------------------
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-proposals", type=int, nargs="+", default=[1000, 2000, 10000])
     parser.add_argument("--num-samples", type=int, default=512)
     parser.add_argument("--positive-fraction", type=float, default=0.25)
     parser.add_argument("--num-gt", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=300, help="timed calls per method")
+    parser.add_argument("--repeats", type=int, default=300, help="timed calls per sampler")
     parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--num-images", type=int, default=8, help="distinct inputs, cycled")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (0 = leave torch's default)"
-    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--separate",
-        action="store_true",
-        help="time each method in its own loop instead of interleaving them (warmer caches)",
-    )
     parser.add_argument(
         "--distribution",
         type=int,
         default=0,
         metavar="DRAWS",
-        help="also compare which negatives ours and the official algorithm pick (mean count per "
-        "IoU range over DRAWS seeded draws on one image of the largest size, several configs)",
+        help="also compare ours with the official port per IoU range over DRAWS seeded draws "
+        "(one image of the largest size)",
     )
-    parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
 
     if args.threads > 0:
@@ -355,105 +334,54 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    ns, pf, bg = args.num_samples, args.positive_fraction, NUM_CLASSES
+    methods = samplers(args.num_samples, args.positive_fraction)
 
-    methods = sampler_methods(ns, pf)
+    print(
+        f"device={device} threads={torch.get_num_threads()} num_samples={args.num_samples} "
+        f"positive_fraction={args.positive_fraction} num_gt={args.num_gt} "
+        f"repeats={args.repeats}\n"
+    )
+    print("| proposals | sampler | median us | x subsample_labels | hard negatives (IoU > 0.05) |")
+    print("|---|---|---|---|---|")
     results = []
-    for num_props in args.num_proposals:
-        images = [
-            make_inputs(num_props, args.num_gt, device, args.seed * 1000 + i)
-            for i in range(args.num_images)
-        ]
-        stats = {name: dict(num_pos=[], num_neg=[], neg_iou_ge_0_1=[]) for name in methods}
+    for n in args.num_proposals:
+        images = [make_inputs(n, args.num_gt, device, args.seed * 1000 + i) for i in range(8)]
+        stats = time_samplers(images, methods, args.warmup, args.repeats, sync)
+        base = stats["subsample_labels"]["median_us"]
+        for name, st in stats.items():
+            print(
+                f"| {n + args.num_gt} | {name} | {st['median_us']:.1f} "
+                f"| {st['median_us'] / base:.2f} | {100 * st['hard_share']:.1f}% |"
+            )
+        results.append(dict(num_proposals=n + args.num_gt, samplers=stats))
 
-        def record(name, it, result):
-            pos, neg = result
-            s = stats[name]
-            s["num_pos"].append(pos.numel())
-            s["num_neg"].append(neg.numel())
-            x = images[it % len(images)]
-            s["neg_iou_ge_0_1"].append((x["max_ious"][neg] >= 0.1).float().mean().item())
-
-        times = time_rounds(
-            list(methods),
-            lambda name, it: methods[name](images[it % len(images)]),
-            args.warmup,
-            args.repeats,
-            sync,
-            separate=args.separate,
-            after=record,
-        )
-        med = {name: statistics.median(t) * 1e6 for name, t in times.items()}
-        x0 = images[0]
-        neg_mask = x0["labels"] == bg
-        row = dict(
-            num_proposals=num_props + args.num_gt,
-            num_pos_candidates=int(((x0["labels"] != bg) & (x0["labels"] != -1)).sum()),
-            num_neg_candidates=int(neg_mask.sum()),
-            neg_candidates_iou_ge_0_1=float((x0["max_ious"][neg_mask] >= 0.1).float().mean()),
-            median_us=med,
-            ours_over_subsample_labels=med["ours"] / med["subsample_labels"],
-            official_over_ours=med["official"] / med["ours"],
-            mean_sampled={
-                name: {k: statistics.mean(v) for k, v in s.items()} for name, s in stats.items()
-            },
-        )
-        row["target_ours_le_2x_subsample_labels"] = row["ours_over_subsample_labels"] <= 2.0
-        row["target_official_ge_10x_ours"] = row["official_over_ours"] >= 10.0
-        results.append(row)
-
-    print(
-        f"\ndevice={device} threads={torch.get_num_threads()} torch={torch.__version__} "
-        f"num_samples={ns} positive_fraction={pf} num_gt={args.num_gt} repeats={args.repeats} "
-        f"timing={'separate loops' if args.separate else 'interleaved, rotated'}\n"
-    )
-    print(
-        "| proposals (+GT) | pos / neg candidates | ours (us) | subsample_labels (us) "
-        "| official (us) | ours / subsample_labels | official / ours | targets met |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        m = r["median_us"]
-        met = r["target_ours_le_2x_subsample_labels"] and r["target_official_ge_10x_ours"]
-        print(
-            f"| {r['num_proposals']} | {r['num_pos_candidates']} / {r['num_neg_candidates']} "
-            f"| {m['ours']:.1f} | {m['subsample_labels']:.1f} | {m['official']:.1f} "
-            f"| {r['ours_over_subsample_labels']:.2f}x | {r['official_over_ours']:.1f}x "
-            f"| {'yes' if met else 'NO'} (<=2x: "
-            f"{'yes' if r['target_ours_le_2x_subsample_labels'] else 'no'}, >=10x: "
-            f"{'yes' if r['target_official_ge_10x_ours'] else 'no'}) |"
-        )
-    print("\nMean share of sampled negatives with IoU >= 0.1 (sanity check of the balancing):")
-    for r in results:
-        shares = ", ".join(
-            f"{name} {s['neg_iou_ge_0_1']:.2f}" for name, s in r["mean_sampled"].items()
-        )
-        print(
-            f"  N={r['num_proposals']}: negative candidates {r['neg_candidates_iou_ge_0_1']:.2f}; "
-            f"sampled: {shares}"
-        )
     distribution = []
     if args.distribution > 0:
         n = max(args.num_proposals)
         x = make_inputs(n, args.num_gt, device, args.seed * 1000)
-        distribution = compare_distributions(x, args.distribution, ns, pf)
+        distribution = compare_distributions(
+            x, args.distribution, args.num_samples, args.positive_fraction
+        )
         ranges = [f"[{lo:g}, {hi:g})" for lo, hi in zip(IOU_EDGES[:-1], IOU_EDGES[1:])]
         print(
             f"\nMean sampled negatives per IoU range, {n + args.num_gt} proposals, "
-            f"{args.distribution} draws (ours / official):"
+            f"{args.distribution} draws (ours / official):\n"
         )
         print("| config | " + " | ".join(ranges) + " |")
         print("|---" * (len(ranges) + 1) + "|")
         for row in distribution:
-            config = ", ".join(f"{k}={v}" for k, v in row["config"].items())
-            cells = " | ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(row["ours"], row["official"]))
-            print(f"| {config} | {cells} |")
+            config = ", ".join(f"{k}={v:g}" for k, v in row["config"].items())
+            pairs = zip(row["ours"]["mean"], row["official"]["mean"])
+            print(f"| {config} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in pairs) + " |")
+
     if args.json:
         with open(args.json, "w") as f:
-            out = dict(args=vars(args), device=str(device), results=results)
-            json.dump(dict(out, distribution=distribution), f, indent=2)
+            json.dump(
+                dict(args=vars(args), results=results, distribution=distribution), f, indent=2
+            )
         print(f"\nwrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

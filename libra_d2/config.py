@@ -4,6 +4,8 @@ Call :func:`add_libra_config` on a detectron2 config (``get_cfg()``) before merg
 It only adds keys to the config passed in; detectron2's global defaults are never touched.
 """
 
+import math
+
 from detectron2.config import CfgNode as CN
 
 
@@ -34,10 +36,13 @@ def add_libra_config(cfg):
     _C.MODEL.BFP.REFINE_LEVEL = 2
     # How the gathered feature is refined: "non_local", "conv" or "none".
     _C.MODEL.BFP.REFINE_TYPE = "non_local"
+    # RetinaNet backbones: P7 = conv(relu(P6)) if True (detectron2's LastLevelP6P7), conv(P6) if
+    # False (mmdetection's RetinaNet FPN, relu_before_extra_convs=False).
+    _C.MODEL.FPN.P7_RELU = True
 
     # ---- Objective level: balanced L1 loss for the box regression of the ROI box head ----
-    # Box predictor class the libra_d2 ROI heads build, from ROI_BOX_PREDICTOR_REGISTRY.
-    _C.MODEL.ROI_BOX_HEAD.PREDICTOR_NAME = "BalancedL1FastRCNNOutputLayers"
+    # Selected by MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE = "balanced_l1" with the libra_d2 ROI heads
+    # (LibraROIHeads, IoUBalancedROIHeads).
     _C.MODEL.ROI_BOX_HEAD.BALANCED_L1 = CN()
     # alpha: gradient scale of the inlier part (gradient alpha * ln(b|x|/beta + 1) below beta).
     _C.MODEL.ROI_BOX_HEAD.BALANCED_L1.ALPHA = 0.5
@@ -61,10 +66,16 @@ def add_libra_config(cfg):
 def check_range(key, value, low, high, low_open=False, high_open=False):
     """
     Raise ``ValueError`` naming the config ``key`` unless ``low <= value <= high`` (``<`` on an
-    open side). Used by the libra_d2 modules' ``from_config`` to validate their keys.
+    open side; NaN is out of any range). Used by the libra_d2 modules' ``from_config``.
     """
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
+    above_low = low < value if low_open else low <= value
+    below_high = value < high if high_open else value <= high
+    if not (above_low and below_high):
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"{key} = {value!r} is out of range: it must lie in {interval}")
+
+
+def check_positive(key, value):
+    """Raise ``ValueError`` naming the config ``key`` unless ``value`` is a finite number > 0."""
+    if not (0 < value < math.inf):
+        raise ValueError(f"{key} = {value!r} is out of range: it must be a finite number > 0")

@@ -7,11 +7,20 @@ never by running the sampler on a second code path.
 
 import pytest
 import torch
+from detectron2.config import get_cfg
 from detectron2.modeling.sampling import subsample_labels
 
+from libra_d2 import add_libra_config
+from libra_d2.modeling import IoUBalancedROIHeads
 from libra_d2.modeling.sampling import iou_balanced_subsample
 
 BG = 80  # background label (num_classes)
+OFFICIAL = dict(num_bins=3, floor_thr=-1.0, floor_fraction=0.0, instance_balanced_pos=True)
+
+
+def _sample(*args, **kwargs):
+    """iou_balanced_subsample with the official settings, unless overridden."""
+    return iou_balanced_subsample(*args, **{**OFFICIAL, **kwargs})
 
 
 def _inputs(neg_ious, pos_ious=(), pos_gt=None, num_ignored=0):
@@ -84,7 +93,7 @@ def test_balanced_bins_vs_random_sampling():
     low_share_ours, low_share_random = [], []
     for seed in range(20):
         torch.manual_seed(seed)
-        pos, neg = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
+        pos, neg = _sample(labels, ious, matched, 512, 0.25, BG)
         _check_contract(labels, pos, neg, 512, 0.25)
         b0, b1, b2 = _bin_counts(ious, neg, edges)
         assert b2 == 0 and 167 <= b1 <= 222 and b0 == 502 - b1 and b0 >= 167
@@ -109,7 +118,7 @@ def test_each_bin_gets_its_cap_when_all_bins_are_plentiful():
     # num_pos 1, quota 385 - 1 = 384, cap int(384 / 3) = 128 in each bin, no shortfall.
     for seed in range(5):
         torch.manual_seed(seed)
-        pos, neg = iou_balanced_subsample(labels, ious, matched, 385, 0.25, BG)
+        pos, neg = _sample(labels, ious, matched, 385, 0.25, BG)
         _check_contract(labels, pos, neg, 385, 0.25)
         assert _bin_counts(ious, neg, [0, 1 / 3, 2 / 3, 1.01]) == [128, 128, 128]
 
@@ -127,7 +136,7 @@ def test_shortfall_is_filled_uniformly_from_the_leftovers():
     fills = []
     for seed in range(300):
         torch.manual_seed(seed)
-        _, neg = iou_balanced_subsample(labels, ious, matched, 385, 0.25, BG)
+        _, neg = _sample(labels, ious, matched, 385, 0.25, BG)
         b0, b1, b2 = _bin_counts(ious, neg, [0, 1 / 3, 2 / 3, 1.01])
         assert b2 == 50 and b0 >= 128 and b1 >= 128 and b0 + b1 == 334
         fills.append(b1 - 128)
@@ -146,27 +155,12 @@ def test_shortfall_split_over_three_bins_is_hypergeometric():
     fills = torch.zeros(3)
     for seed in range(200):
         torch.manual_seed(seed)
-        _, neg = iou_balanced_subsample(labels, ious, matched, 385, 0.25, BG, floor_fraction=0.5)
+        _, neg = _sample(labels, ious, matched, 385, 0.25, BG, floor_fraction=0.5)
         counts = torch.tensor(_bin_counts(ious, neg, [0, 1 / 3, 2 / 3, 1.01]))
         assert int(counts.sum()) == 384 and bool((counts >= 64).all())
         fills += counts - 64
     expected = 192 * torch.tensor([936, 236, 136]) / 1308
     assert torch.allclose(fills / 200, expected, atol=1.5)
-
-
-@pytest.mark.parametrize("n_floor", [1000, 20000])
-def test_packed_and_one_hot_counters(n_floor):
-    # With a floor set there are 4 counted groups: packed 15-bit counters hold up to 2 ** 14
-    # proposals, so 20000 floor negatives take the one-hot path. Same closed form either way:
-    # balanced part int(384 * 0.5) = 192 -> 64 per plentiful bin, floor 192.
-    labels, ious, matched = _floor_inputs(n_floor, 0.05)
-    torch.manual_seed(0)
-    _, neg = iou_balanced_subsample(
-        labels, ious, matched, 384, 0.25, BG, floor_thr=0.1, floor_fraction=0.5
-    )
-    assert neg.numel() == 384 and torch.unique(neg).numel() == 384
-    assert int((ious[neg] < 0.1).sum()) == 192
-    assert _bin_counts(ious, neg, [0.1, 0.2333, 0.3667, 0.51]) == [64, 64, 64]
 
 
 def test_members_of_a_capped_bin_are_equally_likely():
@@ -179,7 +173,7 @@ def test_members_of_a_capped_bin_are_equally_likely():
     hits = torch.zeros(1000)
     for seed in range(200):
         torch.manual_seed(seed)
-        _, neg = iou_balanced_subsample(labels, ious, matched, 385, 0.25, BG)
+        _, neg = _sample(labels, ious, matched, 385, 0.25, BG)
         hits[neg[neg < 1000]] += 1
         assert int((neg >= 1000).sum()) == 128
     p = hits / 200
@@ -187,6 +181,20 @@ def test_members_of_a_capped_bin_are_equally_likely():
     # No positional bias: the first and the second half are picked alike (sd of a half's mean
     # is ~0.002).
     assert abs(float(p[:500].mean() - p[500:].mean())) < 0.015
+
+
+def test_fill_is_uniform_when_the_bins_take_nothing_first():
+    # num_pos 1, quota 4, floor_fraction 0.5 without a floor set: the balanced part is 2, so
+    # per bin int(2 / 3) = 0 and both come from the fill, like the other 2: each of the 100
+    # negatives is picked with probability 4 / 100 (12 of 300 draws, sd ~3.4), whatever its index.
+    labels, ious, matched = _inputs(torch.full((100,), 0.1), [1.0])
+    hits = torch.zeros(100)
+    for seed in range(300):
+        torch.manual_seed(seed)
+        _, neg = _sample(labels, ious, matched, 5, 0.2, BG, floor_fraction=0.5)
+        assert neg.numel() == 4
+        hits[neg] += 1
+    assert int(hits.max()) < 30
 
 
 def test_negative_at_the_top_of_the_range_is_in_the_last_bin():
@@ -198,7 +206,7 @@ def test_negative_at_the_top_of_the_range_is_in_the_last_bin():
     )
     for seed in range(30):
         torch.manual_seed(seed)
-        pos, neg = iou_balanced_subsample(labels, ious, matched, 300, 0.25, BG)
+        pos, neg = _sample(labels, ious, matched, 300, 0.25, BG)
         assert pos.numel() == 0 and neg.numel() == 300
         assert 1000 in neg.tolist()
         b0, b1 = _bin_counts(ious, neg, [0, 0.15, 0.3])
@@ -214,7 +222,7 @@ def test_iou_on_a_bin_edge_belongs_to_the_upper_bin():
     )
     for seed in range(20):
         torch.manual_seed(seed)
-        _, neg = iou_balanced_subsample(labels, ious, matched, 151, 0.25, BG)
+        _, neg = _sample(labels, ious, matched, 151, 0.25, BG)
         assert neg.numel() == 150 and {300, 301} <= set(neg.tolist())
 
 
@@ -224,7 +232,7 @@ def test_all_negatives_with_the_same_iou(value):
     # bin, plain uniform sampling; no division by zero.
     labels, ious, matched = _inputs(torch.full((700,), value))
     torch.manual_seed(0)
-    pos, neg = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
+    pos, neg = _sample(labels, ious, matched, 512, 0.25, BG)
     _check_contract(labels, pos, neg, 512, 0.25)
     assert neg.numel() == 512
 
@@ -253,7 +261,7 @@ def test_floor_fraction(fraction, n_floor_expected):
     labels, ious, matched = _floor_inputs(1000, 0.05)
     for seed in range(5):
         torch.manual_seed(seed)
-        _, neg = iou_balanced_subsample(
+        _, neg = _sample(
             labels, ious, matched, 384, 0.25, BG, floor_thr=0.1, floor_fraction=fraction
         )
         assert neg.numel() == 384 and torch.unique(neg).numel() == 384
@@ -269,11 +277,9 @@ def test_floor_thr_zero_uses_exact_zeros_as_the_floor():
     # from its second call on); with 0.5, exactly 384 - int(384 * 0.5) = 192 zeros.
     labels, ious, matched = _floor_inputs(1000, 0.0)
     torch.manual_seed(0)
-    _, neg = iou_balanced_subsample(labels, ious, matched, 384, 0.25, BG, floor_thr=0.0)
+    _, neg = _sample(labels, ious, matched, 384, 0.25, BG, floor_thr=0.0)
     assert neg.numel() == 384 and int((ious[neg] == 0).sum()) == 0
-    _, neg = iou_balanced_subsample(
-        labels, ious, matched, 384, 0.25, BG, floor_thr=0.0, floor_fraction=0.5
-    )
+    _, neg = _sample(labels, ious, matched, 384, 0.25, BG, floor_thr=0.0, floor_fraction=0.5)
     assert neg.numel() == 384 and int((ious[neg] == 0).sum()) == 192
 
 
@@ -282,15 +288,11 @@ def test_floor_shortfalls():
     # 384 - 192 - 50 = 142 come from the IoU-sampling leftovers -> 334 above the floor.
     labels, ious, matched = _floor_inputs(50, 0.05)
     torch.manual_seed(0)
-    _, neg = iou_balanced_subsample(
-        labels, ious, matched, 384, 0.25, BG, floor_thr=0.1, floor_fraction=0.5
-    )
+    _, neg = _sample(labels, ious, matched, 384, 0.25, BG, floor_thr=0.1, floor_fraction=0.5)
     assert int((ious[neg] < 0.1).sum()) == 50 and int((ious[neg] >= 0.1).sum()) == 334
     # Too few IoU-sampling negatives (3 x 30 + 1 = 91 < 192): all 91 taken, floor gives 293.
     labels, ious, matched = _floor_inputs(1000, 0.05, n_per_cluster=30)
-    _, neg = iou_balanced_subsample(
-        labels, ious, matched, 384, 0.25, BG, floor_thr=0.1, floor_fraction=0.5
-    )
+    _, neg = _sample(labels, ious, matched, 384, 0.25, BG, floor_thr=0.1, floor_fraction=0.5)
     assert int((ious[neg] >= 0.1).sum()) == 91 and int((ious[neg] < 0.1).sum()) == 293
 
 
@@ -305,7 +307,7 @@ def test_instance_balanced_two_gts():
     labels, ious, matched = _inputs(torch.full((1000,), 0.1), torch.full((210,), 0.7), gt)
     for seed in range(10):
         torch.manual_seed(seed)
-        pos, neg = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
+        pos, neg = _sample(labels, ious, matched, 512, 0.25, BG)
         _check_contract(labels, pos, neg, 512, 0.25)
         assert torch.bincount(matched[pos], minlength=2).tolist() == [118, 10]
 
@@ -318,7 +320,7 @@ def test_instance_balanced_overshoot_is_trimmed():
     totals = torch.zeros(4)
     for seed in range(50):
         torch.manual_seed(seed)
-        pos, _ = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
+        pos, _ = _sample(labels, ious, matched, 512, 0.25, BG)
         per_gt = torch.bincount(matched[pos], minlength=4)
         assert int(per_gt.sum()) == 128
         assert int(per_gt.max()) <= 33 and int(per_gt.min()) >= 29
@@ -335,7 +337,7 @@ def test_instance_balanced_uses_python_rounding():
     labels, ious, matched = _inputs(torch.full((100,), 0.1), torch.full((40,), 0.7), gt)
     for seed in range(50):
         torch.manual_seed(seed)
-        pos, _ = iou_balanced_subsample(labels, ious, matched, 40, 0.25, BG)
+        pos, _ = _sample(labels, ious, matched, 40, 0.25, BG)
         per_gt = torch.bincount(matched[pos], minlength=4)
         assert int(per_gt.sum()) == 10 and int(per_gt.max()) <= 3
 
@@ -346,14 +348,14 @@ def test_instance_balanced_sparse_gt_indices():
     gt = torch.tensor([7, 1000]).repeat_interleave(100)
     labels, ious, matched = _inputs(torch.full((1000,), 0.1), torch.full((200,), 0.7), gt)
     torch.manual_seed(0)
-    pos, _ = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
+    pos, _ = _sample(labels, ious, matched, 512, 0.25, BG)
     a, b = int((matched[pos] == 7).sum()), int((matched[pos] == 1000).sum())
     assert a + b == 128 and 63 <= a <= 65 and 63 <= b <= 65
 
 
 def test_positives_below_the_quota_are_all_taken():
     labels, ious, matched = _inputs(torch.full((1000,), 0.1), torch.full((50,), 0.7))
-    pos, neg = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
+    pos, neg = _sample(labels, ious, matched, 512, 0.25, BG)
     assert sorted(pos.tolist()) == list(range(1000, 1050)) and neg.numel() == 462
 
 
@@ -363,7 +365,7 @@ def test_positives_below_the_quota_are_all_taken():
 CONFIGS = [
     dict(),
     dict(num_bins=1),
-    dict(num_bins=25),  # too many groups for packed counters: one-hot fallback
+    dict(num_bins=25),
     dict(floor_thr=0.0),
     dict(floor_thr=0.0, floor_fraction=0.5),
     dict(floor_thr=0.1, floor_fraction=0.0),
@@ -407,15 +409,13 @@ def test_contract_on_random_cases(config):
         num_samples = int(torch.randint(1, 300, (1,), generator=gen))
         fraction = [0.25, 0.5, 0.0, 1.0][seed % 4]
         torch.manual_seed(seed)
-        pos, neg = iou_balanced_subsample(
-            labels, ious, matched, num_samples, fraction, BG, **config
-        )
+        pos, neg = _sample(labels, ious, matched, num_samples, fraction, BG, **config)
         _check_contract(labels, pos, neg, num_samples, fraction)
 
 
 def test_empty_input():
     e = torch.zeros(0, dtype=torch.int64)
-    pos, neg = iou_balanced_subsample(e, torch.zeros(0), e, 512, 0.25, BG)
+    pos, neg = _sample(e, torch.zeros(0), e, 512, 0.25, BG)
     assert pos.numel() == 0 and neg.numel() == 0
     assert pos.dtype == torch.int64 and neg.dtype == torch.int64
 
@@ -424,17 +424,30 @@ def test_ignored_proposals_are_never_returned():
     labels, ious, matched = _inputs(torch.full((100,), 0.2), [0.9] * 20, num_ignored=500)
     for seed in range(10):
         torch.manual_seed(seed)
-        pos, neg = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
+        pos, neg = _sample(labels, ious, matched, 512, 0.25, BG)
         assert pos.numel() == 20 and neg.numel() == 100  # everything but the 500 ignored
         assert int((labels[torch.cat([pos, neg])] == -1).sum()) == 0
 
 
-def test_invalid_arguments():
-    labels, ious, matched = _inputs([0.1] * 10)
-    with pytest.raises(ValueError):
-        iou_balanced_subsample(labels, ious, matched, 8, 0.25, BG, num_bins=0)
-    with pytest.raises(ValueError):
-        iou_balanced_subsample(labels, ious, matched, 8, 0.25, BG, floor_fraction=1.5)
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("NUM_BINS", 0),
+        ("NUM_BINS", 2.5),
+        ("NUM_BINS", float("nan")),
+        ("FLOOR_FRACTION", -0.1),
+        ("FLOOR_FRACTION", float("nan")),
+        ("FLOOR_THR", 1.0),
+        ("FLOOR_THR", float("nan")),
+    ],
+)
+def test_config_is_validated_where_the_heads_are_built(name, value):
+    # Set directly (a YAML or merge_from_list would already reject a float NUM_BINS).
+    cfg = add_libra_config(get_cfg())
+    cfg.MODEL.ROI_HEADS.IOU_BALANCED[name] = value
+    key = rf"MODEL\.ROI_HEADS\.IOU_BALANCED\.{name}"
+    with pytest.raises(ValueError, match=rf"^{key} = {value!r} is out of range"):
+        IoUBalancedROIHeads.from_config(cfg, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,11 +463,11 @@ def _big_case():
 def test_deterministic_under_manual_seed():
     labels, ious, matched = _big_case()
     torch.manual_seed(7)
-    a = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
+    a = _sample(labels, ious, matched, 512, 0.25, BG)
     torch.manual_seed(7)
-    b = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
+    b = _sample(labels, ious, matched, 512, 0.25, BG)
     torch.manual_seed(8)
-    c = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
+    c = _sample(labels, ious, matched, 512, 0.25, BG)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0].sort().values, c[0].sort().values)
     assert not torch.equal(a[1].sort().values, c[1].sort().values)
@@ -464,8 +477,8 @@ def test_explicit_generator():
     labels, ious, matched = _big_case()
     g1 = torch.Generator().manual_seed(3)
     g2 = torch.Generator().manual_seed(3)
-    a = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG, generator=g1)
-    b = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG, generator=g2)
+    a = _sample(labels, ious, matched, 512, 0.25, BG, generator=g1)
+    b = _sample(labels, ious, matched, 512, 0.25, BG, generator=g2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -478,7 +491,7 @@ def test_device_and_dtype(device, dtype):
     labels, ious, matched = (t.to(device) for t in _big_case())
     ious = ious.to(dtype)
     torch.manual_seed(0)
-    pos, neg = iou_balanced_subsample(labels, ious, matched, 512, 0.25, BG)
+    pos, neg = _sample(labels, ious, matched, 512, 0.25, BG)
     _check_contract(labels, pos, neg, 512, 0.25)
     assert pos.device.type == device and neg.device.type == device
     # 5 GTs x 60 positives, quota 128: cap round(25.6) + 1 = 27 -> 135 primaries trimmed by 7.

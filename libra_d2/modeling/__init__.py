@@ -8,7 +8,7 @@ from .bfp import (
     build_retinanet_resnet_bfp_backbone,
 )
 from .retinanet import LibraRetinaNet
-from .roi_heads import ROI_BOX_PREDICTOR_REGISTRY, IoUBalancedROIHeads, LibraROIHeads
+from .roi_heads import IoUBalancedROIHeads, LibraROIHeads
 from .sampling import iou_balanced_subsample
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "build_resnet_bfp_backbone",
     "build_retinanet_resnet_bfp_backbone",
     "LibraRetinaNet",
-    "ROI_BOX_PREDICTOR_REGISTRY",
     "IoUBalancedROIHeads",
     "LibraROIHeads",
     "iou_balanced_subsample",

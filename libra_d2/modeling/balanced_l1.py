@@ -7,29 +7,18 @@ from detectron2.config import configurable
 from detectron2.layers import nonzero_tuple
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 
-from .roi_heads import ROI_BOX_PREDICTOR_REGISTRY
+from ..config import check_positive
 
 __all__ = ["balanced_l1_loss", "BalancedL1FastRCNNOutputLayers"]
-
-_REDUCTIONS = ("none", "sum", "mean")
-
-
-def _check_positive(name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
 
 
 def balanced_l1_loss(
     input: torch.Tensor,
     target: torch.Tensor,
-    beta: float = 1.0,
-    alpha: float = 0.5,
-    gamma: float = 1.5,
+    *,
+    alpha: float,
+    gamma: float,
+    beta: float,
     reduction: str = "sum",
 ) -> torch.Tensor:
     """
@@ -50,36 +39,24 @@ def balanced_l1_loss(
     to ``gamma`` at ``d = 1``: value and gradient are both continuous there. For ``beta != 1``
     the value is still continuous at ``d = beta`` but the gradient is not: its left limit is
     ``gamma + alpha * ((b*beta + 1) / (beta * (b + 1)) - 1)`` (about 1.70 for beta = 0.11 vs
-    1.50 on the right, with the default alpha and gamma), and its limit at ``d -> 0+`` is
-    ``alpha * (1/beta - 1)`` rather than 0 (the loss has a kink at 0). This is the official
-    behaviour (e.g. Libra RetinaNet uses beta = 0.11) and is kept as is.
+    1.50 on the right, with alpha 0.5 and gamma 1.5), and its limit at ``d -> 0+`` is
+    ``alpha * (1/beta - 1)`` rather than 0. This is the official behaviour (Libra RetinaNet uses
+    beta = 0.11).
 
-    The loss is computed in float32 whatever the input dtype (inputs are cast with
-    ``.float()``, so it is safe under autocast) and the result is float32.
+    The loss is computed in float32 whatever the input dtype (safe under autocast).
 
     Args:
         input (Tensor): predictions, any shape ``(*)``, e.g. ``(R, 4)`` box deltas.
-        target (Tensor): regression targets, same shape as ``input`` (no broadcasting).
-        beta (float): transition point between the log and the linear region, > 0.
+        target (Tensor): regression targets, same shape as ``input``.
         alpha (float): > 0; smaller alpha promotes the gradient of inliers.
         gamma (float): > 0; the gradient magnitude of outliers (upper bound of the error).
+        beta (float): > 0; transition point between the log and the linear region.
         reduction (str): "none" | "sum" | "mean".
 
     Returns:
         Tensor: float32; shape ``(*)`` for "none", a scalar otherwise. For empty inputs, "sum"
         and "mean" both return 0 (connected to the autograd graph; "mean" does not give NaN).
     """
-    beta = _check_positive("beta", beta)
-    alpha = _check_positive("alpha", alpha)
-    gamma = _check_positive("gamma", gamma)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if input.shape != target.shape:
-        raise ValueError(
-            f"input and target must have the same shape, got {tuple(input.shape)} "
-            f"and {tuple(target.shape)}"
-        )
-
     diff = torch.abs(input.float() - target.float())
     b = math.exp(gamma / alpha) - 1.0
     # Evaluate the log branch on min(d, beta): it is only selected for d < beta, and clamping
@@ -91,53 +68,48 @@ def balanced_l1_loss(
 
     if reduction == "none":
         return loss
-    if reduction == "sum" or loss.numel() == 0:
+    if reduction == "sum" or (reduction == "mean" and loss.numel() == 0):
         return loss.sum()  # 0 for empty inputs, still part of the graph
-    return loss.mean()
+    if reduction == "mean":
+        return loss.mean()
+    raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
 
 
-def _balanced_l1_params(cfg_node, prefix):
-    """Read and validate ``ALPHA``/``GAMMA``/``BETA`` of a ``BALANCED_L1`` config node."""
+def balanced_l1_params(node, key):
+    """
+    The ``alpha``, ``gamma``, ``beta`` keyword arguments of :func:`balanced_l1_loss` from the
+    ``BALANCED_L1`` config node at ``key`` (e.g. "MODEL.ROI_BOX_HEAD.BALANCED_L1"), validated.
+    """
     for name in ("ALPHA", "GAMMA", "BETA"):
-        value = cfg_node[name]
-        if not value > 0:
-            raise ValueError(f"{prefix}.{name} = {value!r} is out of range: it must be > 0")
-    return {"alpha": cfg_node.ALPHA, "gamma": cfg_node.GAMMA, "beta": cfg_node.BETA}
+        check_positive(f"{key}.{name}", node[name])
+    return {"alpha": node.ALPHA, "gamma": node.GAMMA, "beta": node.BETA}
 
 
-@ROI_BOX_PREDICTOR_REGISTRY.register()
 class BalancedL1FastRCNNOutputLayers(FastRCNNOutputLayers):
     """
-    detectron2's :class:`FastRCNNOutputLayers` that, when ``box_reg_loss_type == "balanced_l1"``,
-    computes the box regression loss with :func:`balanced_l1_loss`, summed over the foreground
-    ROIs' deltas and normalised by the number of sampled ROIs, as detectron2 does for smooth L1
-    (and the official code: loss weight 1, averaged over all sampled ROIs). Any other loss type
-    is detectron2's.
+    detectron2's :class:`FastRCNNOutputLayers` that also takes ``box_reg_loss_type ==
+    "balanced_l1"`` (``MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE``): the box regression loss is then
+    :func:`balanced_l1_loss`, summed over the foreground ROIs' deltas and normalised by the
+    number of sampled ROIs, as detectron2 does for smooth L1 (and the official code: loss weight
+    1, averaged over all sampled ROIs). Any other loss type is detectron2's.
     """
 
     @configurable
-    def __init__(self, *, balanced_l1_params=None, **kwargs):
+    def __init__(self, *, balanced_l1_params, **kwargs):
         """
         Args:
-            balanced_l1_params (dict): ``alpha``, ``gamma``, ``beta`` of :func:`balanced_l1_loss`
-                (defaults: the official 0.5, 1.5, 1.0).
+            balanced_l1_params (dict): ``alpha``, ``gamma``, ``beta`` of :func:`balanced_l1_loss`.
             kwargs: arguments of :class:`FastRCNNOutputLayers`.
         """
         super().__init__(**kwargs)
-        self.balanced_l1_params = {
-            "alpha": 0.5,
-            "gamma": 1.5,
-            "beta": 1.0,
-            **(balanced_l1_params or {}),
-        }
+        self.balanced_l1_params = dict(balanced_l1_params)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        ret["balanced_l1_params"] = _balanced_l1_params(
+        params = balanced_l1_params(
             cfg.MODEL.ROI_BOX_HEAD.BALANCED_L1, "MODEL.ROI_BOX_HEAD.BALANCED_L1"
         )
-        return ret
+        return {**super().from_config(cfg, input_shape), "balanced_l1_params": params}
 
     def box_reg_loss(self, proposal_boxes, gt_boxes, pred_deltas, gt_classes):
         """

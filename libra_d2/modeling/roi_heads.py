@@ -1,32 +1,26 @@
 """ROI heads of Libra R-CNN.
 
-* :class:`LibraROIHeads` is detectron2's ``StandardROIHeads`` whose box predictor is built from
-  :data:`ROI_BOX_PREDICTOR_REGISTRY` (``MODEL.ROI_BOX_HEAD.PREDICTOR_NAME``), so the balanced L1
-  predictor (or any user predictor) is one YAML line away.
+* :class:`LibraROIHeads` is detectron2's ``StandardROIHeads`` whose box predictor also takes
+  ``MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE: "balanced_l1"``
+  (:class:`~libra_d2.modeling.balanced_l1.BalancedL1FastRCNNOutputLayers`).
 * :class:`IoUBalancedROIHeads` adds the sample-level balancing of the paper: the second-stage
   training ROIs are drawn with :func:`~libra_d2.modeling.sampling.iou_balanced_subsample`
   (IoU-balanced negatives, instance-balanced positives). The RPN keeps detectron2's random sampler,
   as in the official implementation.
 """
 
+import numbers
+
 import torch
 from detectron2.config import configurable
 from detectron2.modeling.matcher import Matcher
-from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, FastRCNNOutputLayers, StandardROIHeads
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
-from detectron2.utils.registry import Registry
 
 from ..config import check_range
+from .balanced_l1 import BalancedL1FastRCNNOutputLayers
 from .sampling import iou_balanced_subsample
-
-ROI_BOX_PREDICTOR_REGISTRY = Registry("ROI_BOX_PREDICTOR")
-ROI_BOX_PREDICTOR_REGISTRY.__doc__ = """
-Registry for the box predictors built by :class:`LibraROIHeads` from
-``MODEL.ROI_BOX_HEAD.PREDICTOR_NAME``. A predictor is called as ``cls(cfg, input_shape)`` with the
-:class:`ShapeSpec` of the box head output, like detectron2's ``FastRCNNOutputLayers``.
-"""
-ROI_BOX_PREDICTOR_REGISTRY.register(FastRCNNOutputLayers)
 
 
 def proposal_labels(matched_idxs, matched_labels, gt_classes, num_classes):
@@ -55,7 +49,8 @@ def proposal_labels(matched_idxs, matched_labels, gt_classes, num_classes):
 @ROI_HEADS_REGISTRY.register()
 class LibraROIHeads(StandardROIHeads):
     """
-    ``StandardROIHeads`` whose box predictor comes from :data:`ROI_BOX_PREDICTOR_REGISTRY`.
+    ``StandardROIHeads`` with :class:`BalancedL1FastRCNNOutputLayers` as box predictor, so that
+    ``MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE`` may be "balanced_l1" as well as any detectron2 type.
 
     Everything else (pooler, box head, sampling, mask/keypoint heads) is detectron2's.
     """
@@ -63,10 +58,7 @@ class LibraROIHeads(StandardROIHeads):
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
-        name = cfg.MODEL.ROI_BOX_HEAD.PREDICTOR_NAME
-        ret["box_predictor"] = ROI_BOX_PREDICTOR_REGISTRY.get(name)(
-            cfg, ret["box_head"].output_shape
-        )
+        ret["box_predictor"] = BalancedL1FastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
         return ret
 
 
@@ -101,19 +93,16 @@ class IoUBalancedROIHeads(LibraROIHeads):
     def __init__(
         self,
         *,
-        num_bins: int = 3,
-        floor_thr: float = -1.0,
-        floor_fraction: float = 0.0,
-        instance_balanced_pos: bool = True,
+        num_bins: int,
+        floor_thr: float,
+        floor_fraction: float,
+        instance_balanced_pos: bool,
         **kwargs,
     ):
         """
         Args:
-            num_bins: number of equal-width IoU bins negatives are drawn from evenly.
-            floor_thr: -1 to bin every negative; otherwise negatives with IoU below it are drawn
-                at random for a ``floor_fraction`` share of the negative quota.
-            floor_fraction: see ``floor_thr``.
-            instance_balanced_pos: split the positive quota evenly across ground-truth objects.
+            num_bins, floor_thr, floor_fraction, instance_balanced_pos: see
+                :func:`iou_balanced_subsample` (``MODEL.ROI_HEADS.IOU_BALANCED``).
             kwargs: arguments of :class:`StandardROIHeads`. ``proposal_matcher`` must be a
                 :class:`Matcher`; it is re-created as a matcher that also records max IoUs.
         """
@@ -129,24 +118,24 @@ class IoUBalancedROIHeads(LibraROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
         ib = cfg.MODEL.ROI_HEADS.IOU_BALANCED
         key = "MODEL.ROI_HEADS.IOU_BALANCED."
-        if int(ib.NUM_BINS) != ib.NUM_BINS or ib.NUM_BINS < 1:
-            raise ValueError(f"{key}NUM_BINS = {ib.NUM_BINS!r} must be an integer >= 1")
+        nb = ib.NUM_BINS
+        if not (isinstance(nb, numbers.Real) and float(nb).is_integer() and nb >= 1):
+            raise ValueError(f"{key}NUM_BINS = {nb!r} is out of range: it must be an integer >= 1")
         check_range(key + "FLOOR_FRACTION", ib.FLOOR_FRACTION, 0.0, 1.0)
         if ib.FLOOR_THR != -1:
             try:
                 check_range(key + "FLOOR_THR", ib.FLOOR_THR, 0.0, 1.0, high_open=True)
             except ValueError as e:
                 raise ValueError(f"{e} (or be -1 to bin every negative)") from None
-        ret.update(
-            num_bins=int(ib.NUM_BINS),
-            floor_thr=float(ib.FLOOR_THR),
-            floor_fraction=float(ib.FLOOR_FRACTION),
-            instance_balanced_pos=bool(ib.INSTANCE_BALANCED_POS),
-        )
-        return ret
+        return {
+            **super().from_config(cfg, input_shape),
+            "num_bins": int(nb),
+            "floor_thr": float(ib.FLOOR_THR),
+            "floor_fraction": float(ib.FLOOR_FRACTION),
+            "instance_balanced_pos": bool(ib.INSTANCE_BALANCED_POS),
+        }
 
     def _sample_proposals(
         self, matched_idxs: torch.Tensor, matched_labels: torch.Tensor, gt_classes: torch.Tensor
