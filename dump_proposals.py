@@ -28,12 +28,7 @@ import libra_d2  # noqa: F401  (registers the libra_d2 modules and the libra_sha
 from libra_d2.checkpoint import LibraCheckpointer
 from libra_d2.checks import SetupError, check_weights, load_config
 from libra_d2.data import ensure_shapes_dataset, is_shapes_dataset
-from libra_d2.data.proposals import (
-    check_proposal_model,
-    generate_proposals,
-    merge_proposals,
-    save_proposals,
-)
+from libra_d2.data.proposals import generate_proposals, merge_proposals, save_proposals
 
 logger = logging.getLogger("libra_d2.dump_proposals")
 
@@ -81,7 +76,6 @@ def main(args):
     for name in ("fvcore", "detectron2", "libra_d2"):
         setup_logger(distributed_rank=comm.get_rank(), name=name)
     model = build_model(cfg)
-    check_proposal_model(model)
     if cfg.MODEL.WEIGHTS:
         LibraCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     else:

@@ -1,27 +1,33 @@
 """Pre-flight checks that turn common set-up mistakes into one-line errors.
 
 ``train_net.py`` runs :func:`preflight` in the launching process, before any worker starts, so a
-bad config key, an unregistered dataset, a missing COCO folder or a missing/corrupt
-``MODEL.WEIGHTS`` file is reported as one line that names the culprit and what to do, instead of
-a traceback from deep inside a worker.
+bad config key, an unregistered dataset, a missing COCO folder, a missing or corrupt
+``MODEL.WEIGHTS`` file or a config value that a module rejects is reported as one
+:class:`SetupError` line that names the culprit and what to do, instead of a traceback from deep
+inside a worker.
 """
 
 import json
 import logging
 import math
 import os
+import zipfile
 
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
-from .checkpoint import safe_load_pickle
 from .config import add_libra_config
 from .data.proposals import check_proposal_files
 from .data.shapes import ensure_shapes_dataset, is_shapes_dataset
 
 logger = logging.getLogger(__name__)
+
+# Images of a COCO file whose existence check_coco_json checks, evenly spaced over the file.
+_IMAGE_SAMPLE = 20
+# What a legacy (non-zip) torch.save file starts with: its magic number, pickled (protocol 2).
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 
 
 class SetupError(Exception):
@@ -85,8 +91,9 @@ def check_datasets(cfg):
 
 def check_coco_json(json_file, image_root, dataset_name):
     """
-    Check a COCO instances file before training: every image file exists, every annotation
-    belongs to a listed image and category and has a well-formed ``[x, y, w, h]`` box.
+    Check a COCO instances file before training: every annotation belongs to a listed image and
+    category and has a well-formed ``[x, y, w, h]`` box, and the image files of an evenly spaced
+    sample of ``_IMAGE_SAMPLE`` images (all of a small file) exist.
 
     Raises:
         SetupError: naming the file and the first bad entry (image id / annotation id).
@@ -97,14 +104,13 @@ def check_coco_json(json_file, image_root, dataset_name):
             coco = json.load(f)
         images, annotations = coco["images"], coco.get("annotations", [])
         category_ids = {c["id"] for c in coco["categories"]}
-    except (ValueError, KeyError, TypeError) as e:
+        image_ids = {im.get("id") for im in images}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SetupError(f"{where}: not a COCO instances file ({type(e).__name__}: {e})")
-    image_ids = set()
-    for im in images:
+    for im in images[:: max(1, len(images) // _IMAGE_SAMPLE)]:
         path = os.path.join(image_root, im.get("file_name", ""))
         if not os.path.isfile(path):
             raise SetupError(f"{where}: image id {im.get('id')}: file '{path}' does not exist")
-        image_ids.add(im.get("id"))
     for ann in annotations:
         entry = f"{where}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"
         if ann.get("image_id") not in image_ids:
@@ -142,42 +148,53 @@ def check_proposals(cfg):
 
 def check_weights(path):
     """
-    Check that a local ``MODEL.WEIGHTS`` file exists and can be read as a checkpoint. Remote URLs
-    (``detectron2://``, ``http(s)://``) are left to detectron2's checkpointer.
+    Check that a local ``MODEL.WEIGHTS`` file exists and looks like a complete checkpoint, from
+    its first and last bytes only: a ``.pkl`` must be a pickle (protocol 2 or later, ending with
+    the STOP opcode), any other file a ``torch.save`` file (a zip archive with its central
+    directory, or the legacy format). Remote URLs (``detectron2://``, ``http(s)://``) are left to
+    detectron2's checkpointer, and so is the content (see :class:`LibraCheckpointer`).
 
     Raises:
-        SetupError: the file is missing or is not a readable checkpoint.
+        SetupError: the file is missing or unreadable, or is not a checkpoint file.
     """
     if not path or "://" in path:
         return
     if not os.path.isfile(path):
         raise SetupError(f"MODEL.WEIGHTS '{path}' does not exist")
     try:
-        if path.endswith(".pkl"):
-            safe_load_pickle(path)
-        else:
-            torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any failure to read it means the file is unusable
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_TORCH_MAGIC))
+            f.seek(max(0, os.path.getsize(path) - 1))
+            last = f.read(1)
+    except OSError as e:
+        raise SetupError(f"MODEL.WEIGHTS '{path}' is not a readable checkpoint ({e.strerror})")
+    if path.endswith(".pkl"):
+        if head[:1] != b"\x80" or last != b".":
+            raise SetupError(
+                f"MODEL.WEIGHTS '{path}' is not a readable checkpoint: not a complete pickle"
+            )
+    elif not (head.startswith(_LEGACY_TORCH_MAGIC) or zipfile.is_zipfile(path)):
         raise SetupError(
-            f"MODEL.WEIGHTS '{path}' is not a readable checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
+            f"MODEL.WEIGHTS '{path}' is not a readable checkpoint: not a torch.save file"
         )
 
 
 def check_model(cfg):
     """
-    Build the model once on the CPU so that invalid libra_d2 keys fail before training.
+    Build the model on the meta device (structure only: no memory, no initialisation), so that
+    the config checks of its modules (``from_config`` and constructors) fail before training.
 
     Raises:
         SetupError: with the ``ValueError`` of the module that rejected its config.
     """
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = "meta"
     try:
-        build_model(cfg)
+        with torch.device("meta"):
+            build_model(cfg)
     except ValueError as e:
-        raise SetupError(str(e))
+        raise SetupError(str(e)) from None
 
 
 def preflight(config_file, opts=()):

@@ -4,28 +4,29 @@ libra_shapes val images, libra_d2's ONNX symbolic for adaptive max pooling, and 
 
 import io
 import json
+import logging
 import os
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.data import detection_utils
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 from torch import nn
 
 import export_model
 from libra_d2.checks import load_config
 from libra_d2.export import (
     ExportError,
-    compare_detections,
+    detections,
     export_onnx,
     export_torchscript,
     onnx_symbolics,
     preprocess_image,
-    read_image,
     run_eager,
     run_onnx,
-    run_torchscript,
 )
 from libra_d2.modeling import BalancedFPN, BalancedL1FastRCNNOutputLayers, IoUBalancedROIHeads
 from libra_d2.modeling.bfp import NonLocal2d
@@ -60,7 +61,8 @@ def val_images(cfg, shapes_dataset):
     with open(json_file) as f:
         names = [im["file_name"] for im in json.load(f)["images"][:2]]
     paths = [os.path.join(image_root, name) for name in names]
-    return [preprocess_image(cfg, read_image(p, cfg.INPUT.FORMAT)) for p in paths], paths
+    images = [detection_utils.read_image(p, format=cfg.INPUT.FORMAT) for p in paths]
+    return [preprocess_image(cfg, image) for image in images], paths
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +72,14 @@ def torchscript_export(model, val_images, tmp_path_factory):
     return traced, adapter, path
 
 
-def _check_close(expected, actual):
+def _assert_same_detections(expected, actual, atol=ATOL):
     assert len(expected) > 0
-    diff = compare_detections(expected, actual)
-    assert diff["num_actual"] == diff["num_expected"] == len(expected)
-    assert diff["boxes"] <= ATOL and diff["scores"] <= ATOL, diff
+    torch.testing.assert_close(actual.pred_classes, expected.pred_classes, rtol=0, atol=0)
+    torch.testing.assert_close(
+        actual.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=0, atol=atol
+    )
+    torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=atol)
+    assert tuple(actual.image_size) == tuple(expected.image_size)
 
 
 def test_model_has_all_three_libra_components(model):
@@ -82,6 +87,15 @@ def test_model_has_all_three_libra_components(model):
     assert isinstance(model.backbone.bfp.refine, NonLocal2d)
     assert isinstance(model.roi_heads, IoUBalancedROIHeads)
     assert isinstance(model.roi_heads.box_predictor, BalancedL1FastRCNNOutputLayers)
+
+
+def test_eager_reference_is_the_models_own_inference(model, torchscript_export, val_images):
+    """run_eager (the reference of every parity test) is GeneralizedRCNN.inference itself."""
+    _, adapter, _ = torchscript_export
+    image = val_images[0][1]
+    with torch.no_grad():
+        (direct,) = model.inference([{"image": image}], do_postprocess=False)
+    _assert_same_detections(direct, run_eager(adapter, image), atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +106,8 @@ def test_traced_matches_eager_on_val_images(torchscript_export, val_images):
     images, _ = val_images
     assert tuple(images[0].shape) == (3, 224, 224)
     for image in images:  # the first one was traced with, the second one was not
-        _check_close(run_eager(adapter, image), run_torchscript(traced, adapter, image))
+        with torch.no_grad():
+            _assert_same_detections(run_eager(adapter, image), detections(adapter, traced(image)))
 
 
 def test_traced_model_runs_at_other_sizes(torchscript_export):
@@ -101,14 +116,16 @@ def test_traced_model_runs_at_other_sizes(torchscript_export):
     image = torch.rand(3, 192, 288, generator=torch.Generator().manual_seed(0)) * 255
     expected = run_eager(adapter, image)
     assert [int(s) for s in expected.image_size] == [192, 288]
-    _check_close(expected, run_torchscript(traced, adapter, image))
+    with torch.no_grad():
+        _assert_same_detections(expected, detections(adapter, traced(image)))
 
 
 def test_torchscript_save_load_round_trip(torchscript_export, val_images):
     _, adapter, path = torchscript_export
     loaded = torch.jit.load(path)
     for image in val_images[0]:
-        _check_close(run_eager(adapter, image), run_torchscript(loaded, adapter, image))
+        with torch.no_grad():
+            _assert_same_detections(run_eager(adapter, image), detections(adapter, loaded(image)))
 
 
 def test_trace_requires_eval_mode(model, val_images):
@@ -134,10 +151,12 @@ def test_onnx_matches_eager_on_val_images(model, val_images, tmp_path):
     outputs = ["pred_boxes", "pred_classes", "scores", "image_size"]
     assert [o.name for o in session.get_outputs()] == outputs
     for image in images:
-        _check_close(run_eager(adapter, image), run_onnx(path, adapter, image))
+        _assert_same_detections(
+            run_eager(adapter, image), detections(adapter, run_onnx(path, image))
+        )
     # dynamic height and width
     image = torch.rand(3, 192, 288, generator=torch.Generator().manual_seed(0)) * 255
-    _check_close(run_eager(adapter, image), run_onnx(path, adapter, image))
+    _assert_same_detections(run_eager(adapter, image), detections(adapter, run_onnx(path, image)))
 
 
 def test_onnx_file_passes_checker(model, val_images, tmp_path):
@@ -220,28 +239,87 @@ def test_onnx_rejects_old_opset(model, val_images, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # export_model.py
 # ---------------------------------------------------------------------------------------------
-def test_export_model_torchscript_default_sample_image(shapes_dataset, tmp_path):
+def _comparison_log(caplog):
+    """The line in which export_model.py reports the exported vs eager comparison."""
+    (line,) = [r.getMessage() for r in caplog.records if "vs eager" in r.getMessage()]
+    return line
+
+
+def test_export_model_torchscript_default_sample_image(shapes_dataset, tmp_path, caplog):
     argv = ["--config-file", CONFIG, "--output", str(tmp_path), "--atol", str(ATOL), *OPTS]
-    assert export_model.main(argv) == 0
+    with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
+        assert export_model.main(argv) == 0
+    assert "max |boxes diff| = 0," in _comparison_log(caplog)  # traced = eager, bit for bit
     traced = torch.jit.load(str(tmp_path / "model.ts"))
     outputs = traced(torch.rand(3, 224, 224) * 255)
     assert [tuple(t.shape)[1:] for t in outputs[:3]] == [(4,), (), ()]
 
 
-def test_export_model_onnx(val_images, tmp_path):
+def test_export_model_onnx(val_images, tmp_path, caplog):
+    pytest.importorskip("onnxruntime")
     argv = ["--config-file", CONFIG, "--format", "onnx", "--sample-image", val_images[1][1]]
     argv += ["--output", str(tmp_path / "out"), "--atol", str(ATOL), *OPTS]
-    assert export_model.main(argv) == 0
+    with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
+        assert export_model.main(argv) == 0
     assert (tmp_path / "out" / "model.onnx").stat().st_size > 0
+    line = _comparison_log(caplog)
+    num = int(line.split(": ")[1].split(" vs ")[0])
+    assert num > 0 and f"{num} vs {num} detections" in line
+
+
+def test_export_model_reports_an_exported_model_that_differs(
+    shapes_dataset, tmp_path, monkeypatch, caplog
+):
+    real = export_model.exported_detections
+
+    def half_a_pixel_off(*args):
+        instances = real(*args)
+        instances.pred_boxes = Boxes(instances.pred_boxes.tensor + 0.5)
+        return instances
+
+    monkeypatch.setattr(export_model, "exported_detections", half_a_pixel_off)
+    argv = ["--config-file", CONFIG, "--output", str(tmp_path), "--atol", str(ATOL), *OPTS]
+    with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
+        assert export_model.main(argv) == 1
+    assert "max |boxes diff| = 0.5, max |scores diff| = 0\n" in caplog.text
+    assert "differs from eager inference by more than" in caplog.text
+
+
+def test_max_differences_of_exported_detections():
+    def instances(boxes, scores, classes):
+        inst = Instances((20, 30))
+        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        inst.scores = torch.tensor(scores)
+        inst.pred_classes = torch.tensor(classes, dtype=torch.int64)
+        return inst
+
+    a = instances([[1, 2, 5, 6], [0, 0, 9, 9]], [0.9, 0.5], [1, 3])
+    b = instances([[1, 2, 5.25, 6], [0, 0, 9, 9]], [0.9, 0.375], [1, 3])
+    assert export_model.max_differences(a, b) == (0.25, 0.125)
+    inf = (float("inf"), float("inf"))
+    assert export_model.max_differences(a, instances(a.pred_boxes.tensor, a.scores, [1, 2])) == inf
+    assert export_model.max_differences(a, a[:1]) == inf
+    assert export_model.max_differences(a[:0], b[:0]) == (0.0, 0.0)
+
+
+def test_export_model_onnx_fails_when_it_cannot_check(val_images, tmp_path, monkeypatch, caplog):
+    def no_onnxruntime(*args):
+        raise ImportError("No module named 'onnxruntime'")
+
+    monkeypatch.setattr(export_model, "run_onnx", no_onnxruntime)
+    argv = ["--config-file", CONFIG, "--format", "onnx", "--sample-image", val_images[1][1]]
+    assert export_model.main(argv + ["--output", str(tmp_path), *OPTS]) == 1
+    assert "was not compared with eager inference: install onnxruntime" in caplog.text
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--sample-image", "no_such.png"], "image 'no_such.png' does not exist"),
-        (["--format", "onnx", "--opset", "13"], "--opset 13 is too old"),
+        (["--format", "onnx", "--opset", "13"], "opset 13 is too old"),
         (["MODEL.WEIGHTS", "no_such.pth"], "MODEL.WEIGHTS 'no_such.pth' does not exist"),
         (["MODEL.NO_SUCH_KEY", "1"], "NO_SUCH_KEY"),
+        (["MODEL.BFP.REFINE_TYPE", "attention"], "MODEL.BFP.REFINE_TYPE = 'attention'"),
     ],
 )
 def test_export_model_bad_arguments(tmp_path, capsys, extra, message):

@@ -33,11 +33,11 @@ def _mtimes(split_dir):
     return {p: os.stat(p).st_mtime_ns for p in paths}
 
 
-def _forbid_generation(monkeypatch):
+def _forbid_rendering(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the cached split should have been reused")
 
-    monkeypatch.setattr(shapes, "generate_shapes_split", fail)
+    monkeypatch.setattr(shapes, "_render_to_file", fail)
 
 
 def test_same_seed_gives_identical_files(tmp_path):
@@ -46,7 +46,7 @@ def test_same_seed_gives_identical_files(tmp_path):
     b = _read_all(os.path.dirname(b_json))
     c = _read_all(os.path.dirname(generate_shapes_split(str(tmp_path / "c"), 6, seed=4)))
 
-    assert len(a) == 6 + 2  # images, annotations.json, manifest.json
+    assert len(a) == 6 + 1  # images, annotations.json
     assert a == b  # also independent of the number of worker processes
     assert a.keys() == c.keys()
     assert a["annotations.json"] != c["annotations.json"]
@@ -98,71 +98,58 @@ def test_ensure_uses_detectron2_datasets_and_reuses_the_cache(tmp_path, monkeypa
     for split, (json_file, image_root) in paths.items():
         assert json_file == str(tmp_path / "libra_shapes" / split / "annotations.json")
         assert image_root == str(tmp_path / "libra_shapes" / split / "images")
-        assert len(json.load(open(json_file))["images"]) == SMALL[split]["num_images"]
+        coco = json.load(open(json_file))
+        assert len(coco["images"]) == SMALL[split]["num_images"]
+        assert coco["info"]["params"]["num_images"] == SMALL[split]["num_images"]
     mtimes = _mtimes(str(tmp_path / "libra_shapes"))
 
-    _forbid_generation(monkeypatch)
+    _forbid_rendering(monkeypatch)
     time.sleep(0.01)
     assert ensure_shapes_dataset(split_params=SMALL) == paths
     assert _mtimes(str(tmp_path / "libra_shapes")) == mtimes
-
-
-def _delete_manifest(split_dir):
-    os.remove(os.path.join(split_dir, "manifest.json"))
-
-
-def _corrupt_manifest(split_dir):
-    with open(os.path.join(split_dir, "manifest.json"), "w") as f:
-        f.write('{"format_version": 1, "par')
-
-
-def _delete_image(split_dir):
-    os.remove(os.path.join(split_dir, "images", "000003.png"))
-
-
-def _truncate_image(split_dir):
-    path = os.path.join(split_dir, "images", "000003.png")
-    data = open(path, "rb").read()
-    with open(path, "wb") as f:
-        f.write(data[: len(data) // 2])
 
 
 def _delete_annotations(split_dir):
     os.remove(os.path.join(split_dir, "annotations.json"))
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [_delete_manifest, _corrupt_manifest, _delete_image, _truncate_image, _delete_annotations],
-)
-def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch, damage):
+def _truncate_annotations(split_dir):
+    path = os.path.join(split_dir, "annotations.json")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def _other_version(split_dir):
+    path = os.path.join(split_dir, "annotations.json")
+    coco = json.load(open(path))
+    coco["info"]["version"] = 0
+    with open(path, "w") as f:
+        json.dump(coco, f)
+
+
+@pytest.mark.parametrize("damage", [_delete_annotations, _truncate_annotations, _other_version])
+def test_incomplete_or_outdated_split_is_rebuilt(tmp_path, damage):
     reference = _read_all(os.path.dirname(generate_shapes_split(str(tmp_path / "ref"), 6, seed=1)))
     root = str(tmp_path / "root")
     split_dir = os.path.join(root, "libra_shapes", "train")
     ensure_shapes_dataset(root, splits=("train",), split_params=SMALL)
     assert _read_all(split_dir) == reference
     damage(split_dir)
-
-    calls = []
-    real_generate = shapes.generate_shapes_split
-    monkeypatch.setattr(
-        shapes, "generate_shapes_split", lambda *a, **k: calls.append(a) or real_generate(*a, **k)
-    )
     ensure_shapes_dataset(root, splits=("train",), split_params=SMALL)
-    assert len(calls) == 1
     assert _read_all(split_dir) == reference
-    assert os.listdir(os.path.dirname(split_dir)) == ["train"]  # no temporary directories left
+    assert os.listdir(os.path.dirname(split_dir)) == ["train"]  # no temporary directory left
 
 
-def test_split_with_other_parameters_is_regenerated(tmp_path):
+def test_split_with_other_parameters_is_replaced(tmp_path):
     root = str(tmp_path)
     ensure_shapes_dataset(root, splits=("val",), split_params=SMALL)
     json_file, _ = ensure_shapes_dataset(root, ("val",), {"val": {"num_images": 5}})["val"]
     assert len(json.load(open(json_file))["images"]) == 5
-    json_file, _ = ensure_shapes_dataset(root, ("val",), {"val": {"num_images": 5, "seed": 9}})[
-        "val"
-    ]
-    assert json.load(open(json_file))["info"]["params"]["seed"] == 9
+    json_file, image_root = ensure_shapes_dataset(root, ("val",), {"val": {"num_images": 3}})["val"]
+    assert len(json.load(open(json_file))["images"]) == 3
+    assert sorted(os.listdir(image_root)) == ["000000.png", "000001.png", "000002.png"]
+    assert os.listdir(tmp_path / "libra_shapes") == ["val"]
 
 
 def test_killed_generation_leaves_no_split_and_is_rebuilt(tmp_path, monkeypatch):
@@ -172,12 +159,12 @@ def test_killed_generation_leaves_no_split_and_is_rebuilt(tmp_path, monkeypatch)
     proc = ctx.Process(target=generate_shapes_split, args=(split_dir, 1000, 1), kwargs=kwargs)
     proc.start()
     deadline = time.time() + 60
-    while len(glob.glob(split_dir + ".tmp-*/images/*.png")) < 3 and time.time() < deadline:
+    while len(glob.glob(split_dir + ".tmp/images/*.png")) < 3 and time.time() < deadline:
         assert proc.is_alive()
         time.sleep(0.02)
     proc.kill()
     proc.join()
-    assert glob.glob(split_dir + ".tmp-*/images/*.png"), "generation did not start"
+    assert glob.glob(split_dir + ".tmp/images/*.png"), "generation did not start"
     assert not os.path.exists(split_dir)  # only complete splits are moved into place
 
     # The same happens if an older, non-atomic writer left a half-written split in place.
@@ -186,41 +173,9 @@ def test_killed_generation_leaves_no_split_and_is_rebuilt(tmp_path, monkeypatch)
     json_file, image_root = ensure_shapes_dataset(str(tmp_path), ("train",), SMALL)["train"]
     assert len(json.load(open(json_file))["images"]) == 6
     assert len(os.listdir(image_root)) == 6
-    _forbid_generation(monkeypatch)
+    assert os.listdir(tmp_path / "libra_shapes") == ["train"]  # the killed one's .tmp is gone
+    _forbid_rendering(monkeypatch)
     ensure_shapes_dataset(str(tmp_path), ("train",), SMALL)
-
-
-def test_losing_the_rename_race_keeps_the_existing_split(tmp_path):
-    split_dir = str(tmp_path / "train")
-    generate_shapes_split(split_dir, 4, seed=7)
-    mtimes = _mtimes(split_dir)
-    time.sleep(0.01)
-    generate_shapes_split(split_dir, 4, seed=7)  # as if a second process finished later
-    assert _mtimes(split_dir) == mtimes
-    assert os.listdir(tmp_path) == ["train"]
-
-    generate_shapes_split(split_dir, 4, seed=8)  # an existing split of other parameters is replaced
-    manifest = json.load(open(os.path.join(split_dir, "manifest.json")))
-    assert manifest["params"]["seed"] == 8
-    assert os.listdir(tmp_path) == ["train"]
-
-
-def _ensure_small(root):
-    ensure_shapes_dataset(root, split_params=SMALL)
-
-
-def test_concurrent_generation_is_safe(tmp_path):
-    root = str(tmp_path)
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_ensure_small, args=(root,)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0, 0]
-    assert sorted(os.listdir(tmp_path / "libra_shapes")) == ["train", "val"]
-    reference = _read_all(os.path.dirname(generate_shapes_split(str(tmp_path / "ref"), 6, 1)))
-    assert _read_all(str(tmp_path / "libra_shapes" / "train")) == reference
 
 
 def test_registration(tmp_path):

@@ -22,34 +22,29 @@ Layout on disk, under ``<root>/libra_shapes/<split>/`` where ``root`` defaults t
 ``$DETECTRON2_DATASETS`` (or ``datasets``)::
 
     images/000000.png ...   RGB PNG images, image_size x image_size
-    annotations.json        COCO instances: images (id from 1, file_name relative to images/,
-                            width, height), annotations (bbox [x, y, w, h] in absolute pixels,
-                            area = number of pixels of the full shape, iscrowd 0, category_id from
-                            1, segmentation: one polygon of the shape's outline; circles and rings
-                            as 32-gons, the hole of a ring is not represented), categories
-    manifest.json           format version, generation parameters and the byte size of every
-                            file; written last, it marks the split as complete
+    annotations.json        COCO instances: info (the generation parameters), images (id from 1,
+                            file_name relative to images/, width, height), annotations (bbox
+                            [x, y, w, h] in absolute pixels, area = number of pixels of the full
+                            shape, iscrowd 0, category_id from 1, segmentation: one polygon of the
+                            shape's outline; circles and rings as 32-gons, the hole of a ring is
+                            not represented), categories
 
 Image ``i`` of a split is drawn from ``np.random.default_rng([seed, i])`` alone, so the same seed
-gives byte-identical files (for a given numpy and Pillow). A split is generated into a temporary
-sibling directory and renamed into place once complete, so an interrupted generation never leaves
-a directory that looks valid; concurrent generators (e.g. DDP ranks) each write their own copy and
-the losers of the final rename discard theirs.
+gives byte-identical files (for a given numpy and Pillow). A split is generated into
+``<split>.tmp`` and renamed into place once complete, so a killed generator never leaves a split
+that looks complete; one generator at a time (the launching process, before any worker).
 
-Use :func:`ensure_shapes_dataset` to generate (or reuse) the files, and
-:func:`register_libra_shapes` (called when :mod:`libra_d2.data` is imported) to register
-``libra_shapes_train`` and ``libra_shapes_val`` with detectron2.
+:func:`ensure_shapes_dataset` generates (or reuses) the files and :func:`register_libra_shapes`
+(called when :mod:`libra_d2.data` is imported) registers ``libra_shapes_train`` and
+``libra_shapes_val`` with detectron2.
 """
 
-import glob
-import inspect
+import functools
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import time
-import uuid
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -72,20 +67,18 @@ logger = logging.getLogger(__name__)
 
 SHAPES_CLASSES: List[str] = ["circle", "square", "triangle", "star", "cross", "ring"]
 
-# Default generation arguments of each split; any other argument of generate_shapes_split keeps
-# its default. ensure_shapes_dataset(split_params=...) overrides them.
+# Generation arguments of each split; the other arguments of generate_shapes_split keep their
+# defaults. ensure_shapes_dataset(split_params=...) overrides them.
 SHAPES_SPLITS: Dict[str, Dict[str, Any]] = {
     "train": {"num_images": 1200, "seed": 1},
     "val": {"num_images": 200, "seed": 2},
 }
 
 _DATASET_DIR = "libra_shapes"
+# Recorded in annotations.json; a split of another version is regenerated.
 _FORMAT_VERSION = 1
-_MANIFEST = "manifest.json"
 _ANNOTATIONS = "annotations.json"
 _IMAGES = "images"
-# Temporary directories of generators that died are removed once they are this old.
-_STALE_TMP_AGE_S = 3600.0
 # Placement attempts per object or clutter item before it is skipped.
 _PLACEMENT_TRIES = 8
 # Minimum RGB distance between an item's colour and the mean colour underneath it.
@@ -103,12 +96,9 @@ def is_shapes_dataset(name: str) -> bool:
     return name.startswith("libra_shapes")
 
 
-def _default_root() -> str:
-    return os.environ.get("DETECTRON2_DATASETS", "datasets")
-
-
 def _split_dir(root: Optional[str], split: str) -> str:
-    return os.path.join(root if root is not None else _default_root(), _DATASET_DIR, split)
+    root = root if root is not None else os.environ.get("DETECTRON2_DATASETS", "datasets")
+    return os.path.join(root, _DATASET_DIR, split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,58 +333,23 @@ def _file_name(index: int) -> str:
     return f"{index:06d}.png"
 
 
-def _render_chunk(args: Tuple[str, int, int, Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
-    """Render images ``start <= i < stop`` into ``split_dir/images``; returns their objects."""
-    split_dir, start, stop, render_args = args
-    seed = render_args["seed"]
-    kwargs = {k: v for k, v in render_args.items() if k != "seed"}
-    per_image = []
-    for i in range(start, stop):
-        image, objects = _render_image(np.random.default_rng([seed, i]), **kwargs)
-        # Huffman-only deflate: as small as full deflate on these noisy images, and faster.
-        path = os.path.join(split_dir, _IMAGES, _file_name(i))
-        image.save(path, format="PNG", compress_type=zlib.Z_HUFFMAN_ONLY)
-        per_image.append(objects)
-    return per_image
+def _render_to_file(image_dir: str, params: Mapping[str, Any], index: int) -> List[Dict]:
+    """Render image ``index`` of the split of ``params`` into ``image_dir``; return its objects."""
+    kwargs = {k: v for k, v in params.items() if k not in ("num_images", "seed")}
+    image, objects = _render_image(np.random.default_rng([params["seed"], index]), **kwargs)
+    # Huffman-only deflate: as small as full deflate on these noisy images, and faster.
+    path = os.path.join(image_dir, _file_name(index))
+    image.save(path, format="PNG", compress_type=zlib.Z_HUFFMAN_ONLY)
+    return objects
 
 
-def _mp_context():
-    """Fork where available (as torch's DataLoader does): the workers only use numpy and PIL and
-    start instantly, without re-importing the caller's modules."""
-    return multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-
-
-def _file_sizes(split_dir: str, file_names: Sequence[str]) -> Dict[str, int]:
-    return {f: os.path.getsize(os.path.join(split_dir, f)) for f in file_names}
-
-
-def _is_valid_split(split_dir: str, params: Mapping[str, Any]) -> bool:
-    """Whether ``split_dir`` holds a complete split generated with ``params``."""
+def _recorded_info(json_file: str) -> Optional[Dict]:
+    """The ``info`` of an existing annotations file, or None."""
     try:
-        with open(os.path.join(split_dir, _MANIFEST)) as f:
-            manifest = json.load(f)
-        if manifest.get("format_version") != _FORMAT_VERSION:
-            return False
-        if manifest.get("params") != json.loads(json.dumps(dict(params))):
-            return False
-        files = manifest["files"]
-        return len(files) == params["num_images"] + 1 and _file_sizes(split_dir, files) == files
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def _remove_stale_tmp_dirs(out_dir: str) -> None:
-    """Remove temporary directories of generators of ``out_dir`` that died long ago."""
-    for path in glob.glob(glob.escape(out_dir) + ".tmp-*"):
-        try:
-            if time.time() - os.path.getmtime(path) > _STALE_TMP_AGE_S:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass  # removed concurrently
-
-
-def _tmp_sibling(out_dir: str) -> str:
-    return f"{out_dir}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with open(json_file) as f:
+            return json.load(f).get("info")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def generate_shapes_split(
@@ -409,16 +364,14 @@ def generate_shapes_split(
     min_visible: float = 0.6,
     num_workers: Optional[int] = None,
 ) -> str:
-    """Generate one split of ``libra_shapes`` into ``out_dir``, atomically.
+    """Make ``out_dir`` hold one split of ``libra_shapes``, generated with these parameters.
 
-    The split is written into a temporary sibling directory and renamed to ``out_dir`` once
-    complete (``manifest.json`` last). An existing ``out_dir`` that is a valid split with the same
-    parameters (e.g. written concurrently by another process) is kept and the new copy discarded;
-    any other existing ``out_dir`` is replaced.
+    An ``out_dir`` whose ``annotations.json`` records the same parameters is kept as it is.
+    Otherwise the split is written into ``<out_dir>.tmp`` (``annotations.json`` last), then any
+    old ``out_dir`` is removed and the new split renamed to ``out_dir``.
 
     Args:
-        out_dir: directory of the split; receives ``images/NNNNNN.png``, ``annotations.json`` and
-            ``manifest.json``.
+        out_dir: directory of the split; receives ``images/NNNNNN.png`` and ``annotations.json``.
         num_images: number of images.
         seed: base seed; image ``i`` is drawn from ``np.random.default_rng([seed, i])``.
         image_size: width and height of the (square) images, in pixels.
@@ -428,8 +381,8 @@ def generate_shapes_split(
         min_size: smallest object size (longer side of the box), in pixels.
         max_size_ratio: largest object size, as a fraction of ``image_size``.
         min_visible: fraction of each annotated object's pixels that must stay visible.
-        num_workers: processes rendering images (default: ``min(8, os.cpu_count())``; 1 in
-            daemonic processes, which cannot have children); does not change the output.
+        num_workers: processes rendering images (default: ``min(8, os.cpu_count())``); does not
+            change the output.
 
     Returns:
         Path of ``out_dir/annotations.json``.
@@ -444,91 +397,50 @@ def generate_shapes_split(
         "max_size_ratio": max_size_ratio,
         "min_visible": min_visible,
     }
+    info = {"description": "libra_shapes", "version": _FORMAT_VERSION, "params": params}
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    _remove_stale_tmp_dirs(out_dir)
-    tmp_dir = _tmp_sibling(out_dir)
+    json_file = os.path.join(out_dir, _ANNOTATIONS)
+    if _recorded_info(json_file) == info:
+        logger.info(f"Reusing libra_shapes ({num_images} images) in {out_dir}")
+        return json_file
+
+    logger.info(f"Generating libra_shapes ({num_images} images) in {out_dir} ...")
+    start = time.perf_counter()
+    tmp_dir = out_dir + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a generator that was killed
     os.makedirs(os.path.join(tmp_dir, _IMAGES))
-    try:
-        render_args = {k: v for k, v in params.items() if k != "num_images"}
-        if multiprocessing.current_process().daemon:  # e.g. a DataLoader worker: no children
-            num_workers = 1
-        elif num_workers is None:
-            num_workers = min(8, os.cpu_count() or 1)
-        step = max(1, min(50, -(-num_images // (4 * num_workers))))  # ~4 chunks per worker
-        bounds = [(start, min(start + step, num_images)) for start in range(0, num_images, step)]
-        chunks = [(tmp_dir, start, stop, render_args) for start, stop in bounds]
-        if num_workers > 1 and len(chunks) > 1:
-            with ProcessPoolExecutor(min(num_workers, len(chunks)), _mp_context()) as pool:
-                per_image = [objs for chunk in pool.map(_render_chunk, chunks) for objs in chunk]
-        else:
-            per_image = [objs for chunk in map(_render_chunk, chunks) for objs in chunk]
-        images, annotations = [], []
-        for i, objects in enumerate(per_image):
-            images.append(
-                {"id": i + 1, "file_name": _file_name(i), "width": image_size, "height": image_size}
-            )
-            for obj in objects:
-                annotations.append(
-                    {"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0, **obj}
-                )
-        coco = {
-            "info": {"description": "libra_shapes", "version": _FORMAT_VERSION, "params": params},
-            "licenses": [],
-            "images": images,
-            "annotations": annotations,
-            "categories": [
-                {"id": i + 1, "name": name, "supercategory": "shape"}
-                for i, name in enumerate(SHAPES_CLASSES)
-            ],
-        }
-        with open(os.path.join(tmp_dir, _ANNOTATIONS), "w") as f:
-            json.dump(coco, f, separators=(",", ":"))
-        files = [_ANNOTATIONS] + [f"{_IMAGES}/{im['file_name']}" for im in images]
-        manifest = {
-            "format_version": _FORMAT_VERSION,
-            "params": params,
-            "files": _file_sizes(tmp_dir, files),
-        }
-        with open(os.path.join(tmp_dir, _MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-        _move_into_place(tmp_dir, out_dir, params)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # no-op once renamed
-    return os.path.join(out_dir, _ANNOTATIONS)
+    render = functools.partial(_render_to_file, os.path.join(tmp_dir, _IMAGES), params)
+    num_workers = num_workers or min(8, os.cpu_count() or 1)
+    if num_workers > 1:
+        chunksize = max(1, num_images // (4 * num_workers))
+        with ProcessPoolExecutor(num_workers) as pool:
+            per_image = list(pool.map(render, range(num_images), chunksize=chunksize))
+    else:
+        per_image = [render(i) for i in range(num_images)]
 
-
-_GENERATE_SIGNATURE = inspect.signature(generate_shapes_split)
-
-
-def _move_into_place(tmp_dir: str, out_dir: str, params: Mapping[str, Any]) -> None:
-    """Rename the complete split ``tmp_dir`` to ``out_dir``, unless a valid one is already there.
-
-    Renaming a directory onto a non-empty one fails, so of several concurrent generators exactly
-    one wins; the others find its valid split and leave it alone. An invalid ``out_dir`` is first
-    renamed aside, and deleted only once the new split is in place, so that ``out_dir`` is missing
-    for as short a time as possible.
-    """
-    stale_dirs = []
-    try:
-        for _ in range(10):
-            try:
-                os.rename(tmp_dir, out_dir)
-                return
-            except OSError:
-                if not os.path.exists(out_dir):
-                    raise
-            if _is_valid_split(out_dir, params):
-                return
-            stale_dirs.append(_tmp_sibling(out_dir))
-            try:
-                os.rename(out_dir, stale_dirs[-1])
-            except FileNotFoundError:
-                pass  # another process moved it aside first
-        raise RuntimeError(f"Could not move the generated split {tmp_dir} to {out_dir}")
-    finally:
-        for stale in stale_dirs:
-            shutil.rmtree(stale, ignore_errors=True)
+    images, annotations = [], []
+    for i, objects in enumerate(per_image):
+        images.append(
+            {"id": i + 1, "file_name": _file_name(i), "width": image_size, "height": image_size}
+        )
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0, **obj})
+    coco = {
+        "info": info,
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": i + 1, "name": name, "supercategory": "shape"}
+            for i, name in enumerate(SHAPES_CLASSES)
+        ],
+    }
+    with open(os.path.join(tmp_dir, _ANNOTATIONS), "w") as f:
+        json.dump(coco, f, separators=(",", ":"))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp_dir, out_dir)
+    logger.info(f"Generated libra_shapes in {out_dir} in {time.perf_counter() - start:.1f} s")
+    return json_file
 
 
 def ensure_shapes_dataset(
@@ -536,11 +448,8 @@ def ensure_shapes_dataset(
     splits: Sequence[str] = ("train", "val"),
     split_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
 ) -> Dict[str, Tuple[str, str]]:
-    """Make sure the given splits of ``libra_shapes`` exist on disk, generating them if needed.
-
-    A split directory is reused if its manifest matches the expected parameters and every file
-    listed there has the recorded size; otherwise (missing, interrupted, tampered with or
-    generated with other parameters) it is regenerated.
+    """Make sure the given splits of ``libra_shapes`` exist on disk (:func:`generate_shapes_split`:
+    reused when already generated with the same parameters).
 
     Args:
         root: datasets root; the dataset lives in ``<root>/libra_shapes/<split>``. Defaults to
@@ -556,28 +465,9 @@ def ensure_shapes_dataset(
     for split in splits:
         params = {**SHAPES_SPLITS[split], **(split_params or {}).get(split, {})}
         split_dir = _split_dir(root, split)
-        if _is_valid_split(split_dir, _with_defaults(params)):
-            logger.info(
-                f"Reusing libra_shapes {split} ({params['num_images']} images) in {split_dir}"
-            )
-        else:
-            logger.info(f"Generating libra_shapes {split} ({params['num_images']} images) ...")
-            start = time.perf_counter()
-            generate_shapes_split(split_dir, **params)
-            logger.info(
-                f"Generated libra_shapes {split} in {split_dir} in "
-                f"{time.perf_counter() - start:.1f} s"
-            )
+        generate_shapes_split(split_dir, **params)
         result[split] = (os.path.join(split_dir, _ANNOTATIONS), os.path.join(split_dir, _IMAGES))
     return result
-
-
-def _with_defaults(params: Mapping[str, Any]) -> Dict[str, Any]:
-    """``params`` completed with the defaults of :func:`generate_shapes_split`, as recorded in the
-    manifest (which omits the arguments that do not change the output)."""
-    bound = _GENERATE_SIGNATURE.bind(None, **params)
-    bound.apply_defaults()
-    return {k: v for k, v in bound.arguments.items() if k not in ("out_dir", "num_workers")}
 
 
 def register_libra_shapes(root: Optional[str] = None) -> None:
