@@ -24,6 +24,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from libra_d2.checkpoint import LibraCheckpointer
 from libra_d2.checks import SetupError, check_weights, load_config
 
 logger = logging.getLogger("libra_d2.demo")
@@ -97,7 +98,13 @@ def main(argv=None):
         parser.exit(2, f"demo.py: error: {e}\n")
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: the detector is randomly initialised")
-    predictor = DefaultPredictor(cfg)
+    # DefaultPredictor's own checkpointer neither vets nor converts (mmdetection) checkpoints.
+    predictor_cfg = cfg.clone()
+    predictor_cfg.defrost()
+    predictor_cfg.MODEL.WEIGHTS = ""
+    predictor = DefaultPredictor(predictor_cfg)
+    if cfg.MODEL.WEIGHTS:
+        LibraCheckpointer(predictor.model).load(cfg.MODEL.WEIGHTS)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)
 

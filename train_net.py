@@ -28,7 +28,12 @@ from detectron2.engine import (
     default_setup,
     launch,
 )
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import (
+    COCOEvaluator,
+    LVISEvaluator,
+    PascalVOCDetectionEvaluator,
+    verify_results,
+)
 from detectron2.utils.logger import setup_logger
 
 import libra_d2  # noqa: F401  (importing libra_d2 registers its modules and datasets)
@@ -38,7 +43,7 @@ from libra_d2.checks import SetupError, load_config, preflight
 
 class Trainer(DefaultTrainer):
     """
-    detectron2's ``DefaultTrainer`` with COCO evaluation for COCO-format datasets, a crash-safe
+    detectron2's ``DefaultTrainer`` with detectron2's detection evaluators, a crash-safe
     checkpointer (:class:`LibraCheckpointer`: atomic saves, no code execution on load) and
     multi-process training that also works on CPU (Gloo).
     """
@@ -68,14 +73,19 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """The detection evaluator of the dataset's ``evaluator_type``: coco, lvis or pascal_voc."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
-        if evaluator_type != "coco":
-            raise NotImplementedError(
-                f"no evaluator for dataset '{dataset_name}' of evaluator_type '{evaluator_type}'"
-            )
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        if evaluator_type == "coco":
+            return COCOEvaluator(dataset_name, output_dir=output_folder)
+        if evaluator_type == "lvis":
+            return LVISEvaluator(dataset_name, output_dir=output_folder)
+        if evaluator_type == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
+        raise NotImplementedError(
+            f"no evaluator for dataset '{dataset_name}' of evaluator_type '{evaluator_type}'"
+        )
 
 
 def setup(args):

@@ -7,6 +7,9 @@
 * Saving: every file the checkpointer writes (the checkpoint, then ``last_checkpoint``) is written
   to a temporary file in the same folder, flushed to disk and renamed into place, so a process
   killed at any moment leaves the previous checkpoint and ``last_checkpoint`` intact.
+* mmdetection checkpoints (a dict with ``state_dict`` and ``meta``, e.g. the official Libra R-CNN
+  weights) are converted to the model's names on load (:mod:`libra_d2.mmdet_checkpoint`); a
+  checkpoint that does not fill the model by name is refused with ``MMDetCheckpointError``.
 """
 
 import contextlib
@@ -17,6 +20,8 @@ import pickle
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
+
+from .mmdet_checkpoint import convert_mmdet_state_dict, is_mmdet_checkpoint
 
 __all__ = ["LibraCheckpointer", "UnsafeCheckpointError", "safe_load_pickle", "atomic_open"]
 
@@ -103,8 +108,8 @@ class _AtomicWritePathManager:
 
 class LibraCheckpointer(DetectionCheckpointer):
     """
-    :class:`DetectionCheckpointer` with safe loading and atomic saving (see the module
-    docstring). Same constructor and API.
+    :class:`DetectionCheckpointer` with safe loading, atomic saving and mmdetection checkpoints
+    (see the module docstring). Same constructor and API.
     """
 
     def __init__(self, *args, **kwargs):
@@ -120,4 +125,9 @@ class LibraCheckpointer(DetectionCheckpointer):
         return super()._load_file(filename)
 
     def _torch_load(self, f):
-        return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+        loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+        if not is_mmdet_checkpoint(loaded):
+            return loaded
+        model = convert_mmdet_state_dict(loaded, model_keys=self.model.state_dict())
+        self.logger.info(f"Converted the mmdetection checkpoint {f} ({len(model)} tensors)")
+        return {"model": model, "__author__": "mmdetection"}

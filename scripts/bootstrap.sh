@@ -44,6 +44,11 @@ pip_install "${C[@]}" "Pillow>=7.1" matplotlib "pycocotools>=2.0.2" "termcolor>=
   "yacs>=0.1.8" tabulate cloudpickle tqdm tensorboard "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" \
   "omegaconf>=2.1" "hydra-core>=1.1" black packaging opencv-python-headless pytest ruff \
   onnx onnxruntime
+# mmdetection, for the parity tests against the official implementation (tests/test_mmdet_parity.py).
+# mmengine and mmcv-lite require opencv-python, which would overwrite opencv-python-headless's cv2:
+# install the three with --no-deps, and their pure-Python requirements explicitly.
+pip_install "${C[@]}" addict pyyaml rich yapf scipy shapely six terminaltables
+pip_install "${C[@]}" --no-deps mmengine mmcv-lite mmdet
 
 if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   path=""

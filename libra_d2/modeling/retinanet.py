@@ -12,7 +12,7 @@ from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.structures import Boxes
 
-from .balanced_l1 import _balanced_l1_params, balanced_l1_loss
+from .balanced_l1 import balanced_l1_loss, balanced_l1_params
 
 __all__ = ["LibraRetinaNet"]
 
@@ -28,39 +28,25 @@ class LibraRetinaNet(RetinaNet):
     foreground anchors per batch). The focal classification loss, anchor labelling, inference and
     every other part are detectron2's.
 
-    With ``beta != 1`` the official balanced L1 formula is continuous in value at ``|x| = beta``
-    but not in gradient (about 1.70 on the left vs ``gamma`` = 1.5 on the right for beta 0.11,
-    see :func:`balanced_l1_loss`). The official formula is kept so that numbers are comparable
-    with the official Libra RetinaNet.
-
     ``MODEL.RETINANET.BBOX_REG_LOSS_TYPE`` keeps a detectron2 loss type (e.g. "smooth_l1"):
     :meth:`losses` calls ``RetinaNet.losses`` (which also computes that loss) and replaces its
     ``loss_box_reg``; see :meth:`losses`.
     """
 
     @configurable
-    def __init__(self, *, balanced_l1_params=None, **kwargs):
+    def __init__(self, *, balanced_l1_params, **kwargs):
         """
         Args:
-            balanced_l1_params (dict): ``alpha``, ``gamma``, ``beta`` of :func:`balanced_l1_loss`
-                (defaults: the official Libra RetinaNet 0.5, 1.5, 0.11).
+            balanced_l1_params (dict): ``alpha``, ``gamma``, ``beta`` of :func:`balanced_l1_loss`.
             kwargs: arguments of :class:`detectron2.modeling.RetinaNet`.
         """
         super().__init__(**kwargs)
-        self.balanced_l1_params = {
-            "alpha": 0.5,
-            "gamma": 1.5,
-            "beta": 0.11,
-            **(balanced_l1_params or {}),
-        }
+        self.balanced_l1_params = dict(balanced_l1_params)
 
     @classmethod
     def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["balanced_l1_params"] = _balanced_l1_params(
-            cfg.MODEL.RETINANET.BALANCED_L1, "MODEL.RETINANET.BALANCED_L1"
-        )
-        return ret
+        params = balanced_l1_params(cfg.MODEL.RETINANET.BALANCED_L1, "MODEL.RETINANET.BALANCED_L1")
+        return {**super().from_config(cfg), "balanced_l1_params": params}
 
     def losses(self, anchors, pred_logits, gt_labels, pred_anchor_deltas, gt_boxes):
         """
@@ -97,3 +83,17 @@ class LibraRetinaNet(RetinaNet):
         # The normaliser super() just updated: EMA of max(#foreground anchors, 1).
         losses["loss_box_reg"] = loss_box_reg / self.loss_normalizer
         return losses
+
+    def _decode_per_level_predictions(
+        self, anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
+    ):
+        """
+        detectron2's decoding of one level's top-scoring boxes, with the boxes clipped to the image
+        ``image_size`` ``(H, W)`` before NMS, as the official Libra RetinaNet (mmdetection) does;
+        detectron2 clips them only after NMS.
+        """
+        pred = super()._decode_per_level_predictions(
+            anchors, pred_scores, pred_deltas, score_thresh, topk_candidates, image_size
+        )
+        pred.pred_boxes.clip(image_size)
+        return pred

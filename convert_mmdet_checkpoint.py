@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""
+Convert an mmdetection Libra R-CNN / Libra RetinaNet checkpoint to detectron2's format.
+
+    ./convert_mmdet_checkpoint.py IN OUT
+
+IN: a local path or URL of an mmdetection checkpoint (a dict with ``state_dict`` and ``meta``).
+OUT: ``*.pth`` (``{"model": tensors}``) or ``*.pkl`` (detectron2 model-zoo format, numpy arrays),
+with the names of the ``configs/COCO-Detection/*_mmdet.yaml`` models. libra_d2's own tools load IN
+directly (``MODEL.WEIGHTS IN``); this file is for plain detectron2 tools.
+"""
+
+import argparse
+import pickle
+import sys
+
+import torch
+from detectron2.utils.file_io import PathManager
+
+from libra_d2.mmdet_checkpoint import (
+    MMDetCheckpointError,
+    convert_mmdet_state_dict,
+    is_mmdet_checkpoint,
+)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("input", metavar="IN", help="mmdetection checkpoint (path or URL)")
+    parser.add_argument("output", metavar="OUT", help="detectron2 checkpoint to write (.pth/.pkl)")
+    args = parser.parse_args(argv)
+    if not args.output.endswith((".pth", ".pkl")):
+        parser.error(f"OUT must end with .pth or .pkl, got '{args.output}'")
+    loaded = torch.load(
+        PathManager.get_local_path(args.input), map_location="cpu", weights_only=True
+    )
+    if not is_mmdet_checkpoint(loaded):
+        parser.exit(2, f"{parser.prog}: error: '{args.input}' is not an mmdetection checkpoint\n")
+    try:
+        model = convert_mmdet_state_dict(loaded)
+    except MMDetCheckpointError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    if args.output.endswith(".pkl"):
+        with PathManager.open(args.output, "wb") as f:
+            arrays = {k: v.numpy() for k, v in model.items()}
+            pickle.dump({"model": arrays, "__author__": "mmdetection"}, f)
+    else:
+        with PathManager.open(args.output, "wb") as f:
+            torch.save({"model": model, "__author__": "mmdetection"}, f)
+    print(f"{args.input}: {len(model)} tensors -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
