@@ -73,3 +73,24 @@ def short_run_opts(output_dir, test_set, max_iter=3):
 def short_run():
     """:func:`short_run_opts`, for tests (conftest is not importable as a module)."""
     return short_run_opts
+
+
+@pytest.fixture
+def trainer_at_start(monkeypatch):
+    """
+    Patch ``train_net.Trainer.train`` to record, when training starts (after
+    ``resume_or_load``), the trainer's ``start_iter`` and a copy of its model's state dict.
+    Returns the dict they are recorded in (keys ``"start_iter"`` and ``"model"``).
+    """
+    import train_net
+
+    seen = {}
+    train = train_net.Trainer.train
+
+    def recording_train(self):
+        seen["start_iter"] = self.start_iter
+        seen["model"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return train(self)
+
+    monkeypatch.setattr(train_net.Trainer, "train", recording_train)
+    return seen

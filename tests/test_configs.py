@@ -83,9 +83,13 @@ def test_coco_configs_follow_the_model_zoo_1x_schedule(path):
         assert cfg.DATASETS.PROPOSAL_FILES_TEST[0].endswith(
             "coco_2017_val_box_proposals_ee0dad.pkl"
         )
-    if "_R_50_" in path.name:
+    if path.stem.endswith("_mmdet"):  # mmdetection's official Libra COCO weights
+        assert cfg.MODEL.WEIGHTS.startswith(
+            "https://download.openmmlab.com/mmdetection/v2.0/libra_rcnn/"
+        )
+    elif "_R_50_" in path.name:
         assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
-    if "_R_101_" in path.name:
+    elif "_R_101_" in path.name:
         assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-101.pkl"
 
 
@@ -152,3 +156,36 @@ def test_shapes_configs_train_one_step_and_infer(path):
     with torch.no_grad():
         out = model(_batch(1))
     assert out[0]["instances"].pred_boxes.tensor.shape[1] == 4
+
+
+_NAN, _INF = float("nan"), float("inf")
+_LIBRA_RCNN = CONFIG_DIR / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml"
+_LIBRA_RETINANET = CONFIG_DIR / "libra_shapes" / "libra_retinanet_R_18_FPN.yaml"
+_INVALID = [
+    *[(_LIBRA_RCNN, "MODEL.ROI_HEADS.IOU_BALANCED.NUM_BINS", v) for v in (2.5, -1, _NAN)],
+    *[(_LIBRA_RCNN, "MODEL.ROI_HEADS.IOU_BALANCED.FLOOR_THR", v) for v in (-2.0, _NAN)],
+    *[(_LIBRA_RCNN, "MODEL.ROI_HEADS.IOU_BALANCED.FLOOR_FRACTION", v) for v in (-0.5, _NAN)],
+    *[(_LIBRA_RCNN, "MODEL.BFP.REFINE_LEVEL", v) for v in (1.5, -1, _NAN)],
+    *[
+        (path, f"MODEL.{head}.BALANCED_L1.{name}", v)
+        for path, head in ((_LIBRA_RCNN, "ROI_BOX_HEAD"), (_LIBRA_RETINANET, "RETINANET"))
+        for name in ("ALPHA", "GAMMA", "BETA")
+        for v in (0.0, -1.0, _NAN, _INF)
+    ],
+]
+
+
+@pytest.mark.parametrize(
+    "path,key,value", _INVALID, ids=[f"{k[len('MODEL.') :]}={v}" for _, k, v in _INVALID]
+)
+def test_invalid_values_fail_when_the_model_is_built(path, key, value):
+    """Values a YAML (``.nan``, ``.inf``) or Python code can set: build_model raises a ValueError
+    whose message names the key."""
+    cfg = _cfg(path)
+    *parents, name = key.split(".")
+    node = cfg
+    for parent in parents:
+        node = node[parent]
+    node[name] = value
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_model(cfg)

@@ -10,14 +10,12 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone, build_model
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 from detectron2.modeling.proposal_generator.rpn import RPN
-from detectron2.modeling.roi_heads import FastRCNNOutputLayers
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from libra_d2 import add_libra_config
 from libra_d2.modeling import (
     BalancedFPN,
-    BalancedL1FastRCNNOutputLayers,
     IoUBalancedROIHeads,
     LibraROIHeads,
 )
@@ -121,6 +119,127 @@ def test_iou_balanced_roi_heads_image_without_ground_truth():
     assert len(sampled) == 64 and bool((sampled.gt_classes == 3).all())
 
 
+def _image(gts, proposal_boxes, size=(200, 200)):
+    """(proposals, targets) Instances of one image; ``gts`` is a list of (x0, y0, x1, y1)."""
+    proposals = Instances(size)
+    proposals.proposal_boxes = Boxes(proposal_boxes)
+    proposals.objectness_logits = torch.zeros(len(proposal_boxes))
+    targets = Instances(size)
+    targets.gt_boxes = Boxes(torch.tensor(gts, dtype=torch.float32).reshape(-1, 4))
+    targets.gt_classes = torch.ones(len(gts), dtype=torch.int64)
+    return proposals, targets
+
+
+def _negative_ious(sampled, targets):
+    """Max IoU with the ground truth of each sampled negative (background = class 3)."""
+    boxes = sampled.proposal_boxes[sampled.gt_classes == 3]
+    if len(targets) == 0:
+        return torch.zeros(len(boxes))
+    return pairwise_iou(boxes, targets.gt_boxes).max(dim=1).values
+
+
+def _low_high_layout(gt, n_low, n_high, rng):
+    """Negatives with IoU in [0, 0.05) and [0.35, 0.5) against ``gt``, then 64 positives."""
+    low = torch.rand(n_low, generator=rng) * 0.05
+    high = 0.35 + torch.rand(n_high, generator=rng) * 0.15
+    pos = 0.6 + torch.rand(64, generator=rng) * 0.35
+    return low, high, pos
+
+
+@pytest.mark.parametrize(
+    "overrides,low,high",
+    [
+        # 6 bins of width 1/6: 32 from [0, 1/6) (low), 32 from [1/3, 1/2) (high), 128 filled at
+        # random from 868 low + 68 high (9.3 +- 2.7 high).
+        ({"MODEL.ROI_HEADS.IOU_BALANCED.NUM_BINS": 6}, 32, 56),
+        # IoU >= 0.2 (the 100 high ones) give int(192 * (1 - 0.5)) = 96, the floor the other 96.
+        (
+            {
+                "MODEL.ROI_HEADS.IOU_BALANCED.FLOOR_THR": 0.2,
+                "MODEL.ROI_HEADS.IOU_BALANCED.FLOOR_FRACTION": 0.5,
+            },
+            96,
+            96,
+        ),
+    ],
+    ids=["num_bins", "floor"],
+)
+def test_non_default_iou_balanced_keys_reach_the_sampler(overrides, low, high):
+    """The layout of test_iou_balanced_roi_heads_sample_evenly_across_iou_bins (defaults: 64 to
+    79 of the 192 negatives are high): other IOU_BALANCED values change how many are."""
+    torch.manual_seed(0)
+    heads = _roi_heads(**{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 256, **overrides})
+    gt = (0.0, 0.0, 100.0, 100.0)
+    low_ious, high_ious, pos = _low_high_layout(gt, 900, 100, torch.Generator().manual_seed(0))
+    proposals, targets = _image([gt], _boxes_with_iou(gt, torch.cat([low_ious, high_ious, pos])))
+    with EventStorage(0):
+        (sampled,) = heads.label_and_sample_proposals([proposals], [targets])
+    neg_iou = _negative_ious(sampled, targets)
+    assert len(neg_iou) == 192
+    assert low <= int((neg_iou >= 0.35).sum()) <= high
+
+
+def test_positives_are_uniform_without_instance_balancing():
+    """Two objects: A with 300 + 1 (its GT box) positives, B with 20 + 1; quota 64. Instance-
+    balanced, B keeps all 21 (round(64 / 2) + 1 = 33 > 21). Uniform, B's count over 10 draws is
+    hypergeometric: mean 10 * 64 * 21 / 322 = 41.7, sd 5.6."""
+    torch.manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
+    gt_a, gt_b = (0.0, 0.0, 100.0, 100.0), (150.0, 0.0, 190.0, 100.0)
+    boxes = torch.cat(
+        [
+            _boxes_with_iou(gt_a, 0.6 + torch.rand(300, generator=rng) * 0.35),
+            _boxes_with_iou(gt_b, 0.6 + torch.rand(20, generator=rng) * 0.35),
+            _boxes_with_iou(gt_a, torch.rand(500, generator=rng) * 0.3),
+        ]
+    )
+    proposals, targets = _image([gt_a, gt_b], boxes)
+
+    def b_counts(heads, draws):
+        counts = []
+        for _ in range(draws):
+            with EventStorage(0):
+                (sampled,) = heads.label_and_sample_proposals([proposals], [targets])
+            fg = sampled.gt_classes != 3
+            assert int(fg.sum()) == 64
+            counts.append(int((sampled.proposal_boxes.tensor[fg, 0] >= 150).sum()))
+        return counts
+
+    key = "MODEL.ROI_HEADS.IOU_BALANCED.INSTANCE_BALANCED_POS"
+    batch = {"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 256}
+    assert b_counts(_roi_heads(**batch, **{key: True}), 2) == [21, 21]
+    uniform = b_counts(_roi_heads(**batch, **{key: False}), 10)
+    assert abs(sum(uniform) - 41.7) < 5 * 5.6 and max(uniform) < 21
+
+
+def test_iou_balanced_roi_heads_batch_of_images_with_different_layouts():
+    """Three images sampled in one call, each binned on its own IoUs: A (GT top-left) has 900
+    high and 100 low negatives, B has no ground truth, C (GT elsewhere, 1114 proposals) has 100
+    high and 950 low. IoU-balanced, the rarer kind gives at least int(192 / 3) = 64 negatives
+    in A and C (plus ~2.6 from the fill); B's 256 negatives all have IoU 0."""
+    torch.manual_seed(0)
+    heads = _roi_heads(**{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 256})
+    rng = torch.Generator().manual_seed(0)
+    gt_a, gt_c = (0.0, 0.0, 100.0, 100.0), (100.0, 50.0, 180.0, 150.0)
+    low, high, pos = _low_high_layout(gt_a, 100, 900, rng)
+    image_a = _image([gt_a], _boxes_with_iou(gt_a, torch.cat([high, low, pos])))
+    xy = torch.rand(300, 2, generator=rng) * 150
+    image_b = _image([], torch.cat([xy, xy + 10 + torch.rand(300, 2, generator=rng) * 40], 1))
+    low, high, pos = _low_high_layout(gt_c, 950, 100, rng)
+    image_c = _image([gt_c], _boxes_with_iou(gt_c, torch.cat([high, low, pos])))
+    images = [image_a, image_b, image_c]
+    with EventStorage(0) as storage:
+        sampled = heads.label_and_sample_proposals([p for p, _ in images], [t for _, t in images])
+        neg_mean_iou = storage.latest()["roi_head/neg_mean_iou"][0]
+    ious = [_negative_ious(s, t) for s, (_, t) in zip(sampled, images)]
+    assert [len(s) for s in sampled] == [256, 256, 256]
+    assert [len(i) for i in ious] == [192, 256, 192]
+    assert 64 <= int((ious[0] < 0.35).sum()) <= 79  # A: the 100 low ones are the rare kind
+    assert bool((ious[1] == 0).all())
+    assert 64 <= int((ious[2] >= 0.35).sum()) <= 79  # C: the 100 high ones
+    assert neg_mean_iou == pytest.approx(float(torch.cat(ious).mean()), rel=1e-5)
+
+
 def test_rpn_keeps_detectron2_sampler_and_smooth_l1():
     model = build_model(small_cfg(**{"MODEL.ROI_HEADS.NAME": "IoUBalancedROIHeads"}))
     assert type(model.proposal_generator) is RPN
@@ -157,27 +276,51 @@ def _predictor(loss_type, **overrides):
     return model.roi_heads.box_predictor
 
 
-def test_balanced_l1_box_reg_loss_closed_form():
-    """Two ROIs, one foreground (class 1) whose predicted dx is off by 0.05 and dw by 2.0 (box
-    coder weights (10, 10, 5, 5) do not matter: deltas are compared directly), one background.
-    loss = [BL1(0.05) + BL1(2.0)] / 2 ROIs."""
-    pred = _predictor("balanced_l1")
-    assert isinstance(pred, BalancedL1FastRCNNOutputLayers)
-    boxes = torch.tensor([[10.0, 10.0, 50.0, 30.0], [0.0, 0.0, 5.0, 5.0]])
-    deltas = torch.zeros(2, 3 * 4)
-    deltas[0, 4:8] = torch.tensor([0.05, 0.0, 2.0, 0.0])  # class 1's deltas
-    deltas[1, :] = 7.0  # background: ignored
-    loss = pred.box_reg_loss(boxes, boxes.clone(), deltas, torch.tensor([1, 3]))
+def _bl1(d, alpha=0.5, gamma=1.5, beta=1.0):
+    """The official balanced L1 of one |difference| d, written out with math."""
+    b = math.exp(gamma / alpha) - 1
+    if d < beta:
+        return alpha / b * (b * d + 1) * math.log(b * d / beta + 1) - alpha * d
+    return gamma * d + gamma / b - alpha * beta
 
-    a, g, beta = 0.5, 1.5, 1.0
-    b = math.exp(g / a) - 1
 
-    def bl1(d):
-        if d < beta:
-            return a / b * (b * d + 1) * math.log(b * d / beta + 1) - a * d
-        return g * d + g / b - a * beta
+@pytest.mark.parametrize("agnostic", [False, True], ids=["class_specific", "class_agnostic"])
+def test_balanced_l1_box_reg_loss_closed_form(agnostic):
+    """Three ROIs: background first, then two foreground ROIs whose ground truth is offset from
+    the proposal. Targets by hand with detectron2's box coder weights (10, 10, 5, 5):
+    dx = 10 * (gt_cx - cx) / w, dy = 10 * (gt_cy - cy) / h, dw = 5 * ln(gt_w / w),
+    dh = 5 * ln(gt_h / h). loss = sum of BL1(|pred - target|) over fg deltas / 3 ROIs."""
+    pred = _predictor("balanced_l1", **{"MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": agnostic})
+    assert tuple(pred.box2box_transform.weights) == (10.0, 10.0, 5.0, 5.0)
+    proposals = torch.tensor(
+        [[0.0, 0.0, 5.0, 5.0], [10.0, 10.0, 50.0, 30.0], [0.0, 0.0, 20.0, 40.0]]
+    )
+    gt = torch.tensor(
+        [
+            [0.0, 0.0, 5.0, 5.0],  # background: not regressed
+            # proposal 1 (w 40, h 20, centre (30, 20)): centre +4 in x, -2 in y, width doubled,
+            # height halved -> centre (34, 18), w 80, h 10
+            [-6.0, 13.0, 74.0, 23.0],
+            [3.0, 0.0, 23.0, 40.0],  # proposal 2 (w 20, h 40): shifted +3 in x
+        ]
+    )
+    gt_classes = torch.tensor([3, 1, 0])
+    targets = [[1.0, -1.0, 5 * math.log(2), 5 * math.log(0.5)], [1.5, 0.0, 0.0, 0.0]]
+    fg_pred = torch.tensor([[1.05, 0.0, 0.0, -3.0], [0.0, 0.2, -0.4, 0.0]])
+    if agnostic:
+        deltas = torch.cat([torch.full((1, 4), 7.0), fg_pred])
+    else:
+        deltas = torch.full((3, 3 * 4), 7.0)  # other classes and background: must not count
+        deltas[1, 4:8] = fg_pred[0]  # class 1
+        deltas[2, 0:4] = fg_pred[1]  # class 0
+    loss = pred.box_reg_loss(proposals, gt, deltas, gt_classes)
 
-    assert float(loss) == pytest.approx((bl1(0.05) + bl1(2.0)) / 2, rel=1e-6)
+    expected = sum(
+        _bl1(abs(p - t))
+        for row, target in zip(fg_pred.tolist(), targets)
+        for p, t in zip(row, target)
+    )
+    assert float(loss) == pytest.approx(expected / 3, rel=1e-5)
 
 
 def test_balanced_l1_predictor_uses_config_params_and_delegates_other_losses():
@@ -187,22 +330,17 @@ def test_balanced_l1_predictor_uses_config_params_and_delegates_other_losses():
     )  # fmt: skip
     assert pred.balanced_l1_params == {"alpha": 0.5, "gamma": 1.0, "beta": 0.5}
     boxes = torch.tensor([[10.0, 10.0, 50.0, 30.0]])
+    gt = torch.tensor([[14.0, 10.0, 54.0, 30.0]])  # +4 in x: target dx = 10 * 4 / 40 = 1
     deltas = torch.zeros(1, 12)
-    deltas[0, 0] = 3.0  # class 0, dx off by 3 (>= beta): gamma*3 + gamma/b - alpha*beta
+    deltas[0, 0] = 4.0  # class 0, dx off by 3 (>= beta): gamma*3 + gamma/b - alpha*beta
     b = math.exp(1.0 / 0.5) - 1
-    loss = pred.box_reg_loss(boxes, boxes.clone(), deltas, torch.tensor([0]))
+    loss = pred.box_reg_loss(boxes, gt, deltas, torch.tensor([0]))
     assert float(loss) == pytest.approx(1.0 * 3 + 1.0 / b - 0.5 * 0.5, rel=1e-6)
 
     smooth = _predictor("smooth_l1")
-    # detectron2's smooth L1 with beta 0 (its default) is L1: |3| / 1 ROI.
-    assert float(smooth.box_reg_loss(boxes, boxes.clone(), deltas, torch.tensor([0]))) == 3.0
-
-
-def test_predictor_is_chosen_from_the_registry():
-    pred = _predictor("smooth_l1", **{"MODEL.ROI_BOX_HEAD.PREDICTOR_NAME": "FastRCNNOutputLayers"})
-    assert type(pred) is FastRCNNOutputLayers
-    with pytest.raises(KeyError, match="NoSuchPredictor"):
-        _predictor("smooth_l1", **{"MODEL.ROI_BOX_HEAD.PREDICTOR_NAME": "NoSuchPredictor"})
+    # detectron2's smooth L1 with beta 0 (its default) is L1: |4 - 1| / 1 ROI.
+    loss = smooth.box_reg_loss(boxes, gt, deltas, torch.tensor([0]))
+    assert float(loss) == pytest.approx(3.0, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["ALPHA", "GAMMA", "BETA"])
@@ -254,19 +392,68 @@ def test_bfp_backbone_applies_bfp_to_every_fpn_output():
 
 
 def test_detectron2_fpn_checkpoint_loads_with_only_bfp_missing(tmp_path):
+    """A detectron2 Faster R-CNN checkpoint fills every Libra R-CNN tensor but the BFP's."""
     torch.manual_seed(0)
     base = build_model(small_cfg())
     DetectionCheckpointer(base, save_dir=str(tmp_path)).save("faster_rcnn")
+    torch.manual_seed(1)  # different initial weights
     libra = build_model(
         small_cfg(**{"MODEL.BACKBONE.NAME": "build_resnet_bfp_backbone",
                      "MODEL.ROI_HEADS.NAME": "IoUBalancedROIHeads"})
     )  # fmt: skip
-    DetectionCheckpointer(libra).load(str(tmp_path / "faster_rcnn.pth"))
-    result = libra.load_state_dict(base.state_dict(), strict=False)
-    assert result.unexpected_keys == []
-    assert result.missing_keys and all(k.startswith("backbone.bfp.") for k in result.missing_keys)
-    for k, v in base.state_dict().items():  # every shared parameter was loaded by the checkpointer
-        torch.testing.assert_close(libra.state_dict()[k], v)
+    base_state, libra_state = base.state_dict(), libra.state_dict()
+    assert not torch.equal(
+        libra_state["backbone.fpn_lateral2.weight"], base_state["backbone.fpn_lateral2.weight"]
+    )
+    checkpointer = DetectionCheckpointer(libra)
+    results = []
+    load_model = checkpointer._load_model  # what Checkpointer.load reports (and logs)
+
+    def recording_load_model(checkpoint):
+        results.append(load_model(checkpoint))
+        return results[-1]
+
+    checkpointer._load_model = recording_load_model
+    checkpointer.load(str(tmp_path / "faster_rcnn.pth"))
+    (result,) = results
+    assert result.unexpected_keys == [] and result.incorrect_shapes == []
+    bfp_keys = sorted(set(libra_state) - set(base_state))
+    assert bfp_keys and all(k.startswith("backbone.bfp.") for k in bfp_keys)
+    assert sorted(result.missing_keys) == bfp_keys
+    for k, v in base_state.items():  # every shared tensor now holds the checkpoint's value
+        torch.testing.assert_close(libra.state_dict()[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("refine_type", ["conv", "none"])
+def test_bfp_refine_type_reaches_the_backbone(refine_type):
+    """MODEL.BFP.REFINE_TYPE through the builder: "conv" refines the gathered mean with its 3x3
+    conv + ReLU, "none" leaves it as is and has no parameters."""
+    torch.manual_seed(0)
+    bfp = build_backbone(
+        small_cfg(**{"MODEL.BACKBONE.NAME": "build_resnet_bfp_backbone",
+                     "MODEL.BFP.REFINE_TYPE": refine_type})
+    )  # fmt: skip
+    params = {k: v for k, v in bfp.state_dict().items() if k.startswith("bfp.")}
+    x = torch.rand(1, 3, 64, 64)  # p2..p6: 16, 8, 4, 2, 1
+    feats = super(BalancedFPN, bfp).forward(x)
+    out = bfp(x)
+    mean = (
+        torch.nn.functional.max_pool2d(feats["p2"], 4)
+        + torch.nn.functional.max_pool2d(feats["p3"], 2)
+        + feats["p4"]
+        + feats["p5"].repeat_interleave(2, 2).repeat_interleave(2, 3)
+        + feats["p6"].expand_as(feats["p4"])
+    ) / 5
+    if refine_type == "none":
+        assert params == {}
+        refined = mean
+    else:
+        (weight,) = [v for v in params.values() if v.dim() == 4]
+        (bias,) = [v for v in params.values() if v.dim() == 1]
+        assert len(params) == 2 and weight.shape == (32, 32, 3, 3)
+        refined = torch.relu(torch.nn.functional.conv2d(mean, weight, bias, padding=1))
+    torch.testing.assert_close(out["p4"], feats["p4"] + refined)
+    torch.testing.assert_close(out["p6"], feats["p6"] + refined.amax(dim=(2, 3), keepdim=True))
 
 
 @pytest.mark.parametrize(

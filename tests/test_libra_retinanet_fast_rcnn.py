@@ -115,6 +115,54 @@ def test_balanced_l1_box_loss_matches_the_closed_form():
     assert losses["loss_cls"].item() == pytest.approx(reference["loss_cls"].item())
 
 
+def test_balanced_l1_box_loss_on_two_images_and_the_normaliser_ema():
+    """Two images with different foreground anchors, two calls: the loss is the sum over both
+    images' foreground deltas divided by detectron2's EMA normaliser (0.9 * old + 0.1 *
+    #foreground, starting from 100), updated on every call."""
+    cfg = load_config(LIBRA_RETINANET, ["MODEL.RETINANET.NUM_CLASSES", "3"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    anchor_t = torch.tensor(
+        [[0, 0, 10, 20], [0, 0, 8, 8], [10, 10, 30, 30], [0, 0, 16, 16], [40, 40, 48, 56]],
+        dtype=torch.float32,
+    )
+    anchors = [Boxes(anchor_t[:3]), Boxes(anchor_t[3:])]
+    # Ground truth and target deltas (dx, dy, dw, dh), by hand, of each foreground anchor:
+    #   image 0, anchor 0 (w 10, h 20): +1 in x, height doubled; anchor 4 (w 8, h 16): -2 in y,
+    #   width halved. image 1, anchor 1 (w 8, h 8): +2 in x, width doubled; anchor 3 (w 16,
+    #   h 16): +4 in y, height halved (about the shifted centre).
+    fg = {
+        (0, 0): ([1, -10, 11, 30], [1 / 10, 0.0, 0.0, math.log(2)], [0.05, -0.2, 0.0, 1.5]),
+        (0, 4): ([42, 38, 46, 54], [0.0, -2 / 16, math.log(0.5), 0.0], [-0.02, 0.5, 0.1, -3.0]),
+        (1, 1): ([-2, 0, 14, 8], [2 / 8, 0.0, math.log(2), 0.0], [0.3, 0.0, -0.01, 2.0]),
+        (1, 3): ([0, 8, 16, 16], [0.0, 4 / 16, 0.0, math.log(0.5)], [0.0, 0.11, -1.0, 0.07]),
+    }
+    gt = [torch.zeros(5, 4), torch.zeros(5, 4)]
+    pred = torch.full((2, 5, 4), 7.0)  # background and ignored anchors: must not count
+    for (i, a), (box, target, offset) in fg.items():
+        gt[i][a] = torch.tensor(box, dtype=torch.float32)
+        pred[i, a] = torch.tensor(target) + torch.tensor(offset)
+    pred_deltas = [pred[:, :3], pred[:, 3:]]
+    pred_logits = [torch.zeros(2, 3, 3), torch.zeros(2, 2, 3)]
+
+    def bl1_sum(keys):
+        return sum(_balanced_l1(abs(d)) for k in keys for d in fg[k][2])
+
+    # Call 1: both images (4 foreground anchors). Call 2: image 1 has none (2 foreground).
+    labels_1 = [torch.tensor([0, 3, 3, -1, 2]), torch.tensor([3, 1, -1, 0, 3])]
+    labels_2 = [labels_1[0], torch.tensor([3, 3, -1, 3, 3])]
+    normalizer = 100.0
+    for labels, keys in ((labels_1, list(fg)), (labels_2, [(0, 0), (0, 4)])):
+        normalizer = 0.9 * normalizer + 0.1 * len(keys)
+        with EventStorage(0) as storage:
+            losses = model.losses(anchors, pred_logits, labels, pred_deltas, gt)
+            assert storage.latest()["num_pos_anchors"][0] == len(keys) / 2  # per image
+        assert model.loss_normalizer == pytest.approx(normalizer)
+        expected = bl1_sum(keys) / normalizer
+        assert losses["loss_box_reg"].item() == pytest.approx(expected, rel=1e-5)
+    assert normalizer == pytest.approx(0.9 * (0.9 * 100 + 0.4) + 0.2)
+
+
 def test_balanced_l1_params_are_validated():
     with pytest.raises(ValueError, match=r"MODEL\.RETINANET\.BALANCED_L1\.BETA"):
         build_model(load_config(LIBRA_RETINANET, ["MODEL.RETINANET.BALANCED_L1.BETA", "0.0"]))

@@ -68,16 +68,28 @@ def test_eval_only_reproduces_the_final_evaluation(trained, tiny_val, tmp_path):
     assert len(before) > 0 and before == after
 
 
-def test_resume_continues_from_the_last_checkpoint(trained, tiny_val, short_run, tmp_path):
+def test_resume_continues_from_the_last_checkpoint(
+    trained, tiny_val, short_run, tmp_path, trainer_at_start
+):
     out, _ = trained
-    # Copy the run, then resume it to 5 iterations: it must restart at iteration 3, not 0.
+    # Copy the run (last checkpoint: iteration 2), then resume it to 5 iterations.
     for name in ("model_final.pth", "last_checkpoint"):
         (tmp_path / name).write_bytes((out / name).read_bytes())
-    train_net.main(
-        _args("--resume", "--config-file", LIBRA_SHAPES, *short_run(tmp_path, tiny_val, 5))
-    )
+    checkpoint = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["iteration"] == 2
+    opts = [*short_run(tmp_path, tiny_val, 5), "DATASETS.TEST", "()"]
+    train_net.main(_args("--resume", "--config-file", LIBRA_SHAPES, *opts))
+    # Training started at iteration 3 from the checkpoint's weights.
+    assert trainer_at_start["start_iter"] == 3
+    resumed = trainer_at_start["model"]
+    assert resumed.keys() == checkpoint["model"].keys()
+    for k, v in checkpoint["model"].items():
+        assert torch.equal(resumed[k], v), k
     iterations = [r["iteration"] for r in _metrics(tmp_path) if "total_loss" in r]
-    assert iterations[0] >= 3 and iterations[-1] == 4
+    assert iterations[-1] == 4
+    # CHECKPOINT_PERIOD 2: iteration 3 is saved; a run from 0 would also have saved iteration 1.
+    assert (tmp_path / "model_0000003.pth").is_file()
+    assert not (tmp_path / "model_0000001.pth").exists()
 
 
 # ------------------------------------------------------------------------- one-line errors
@@ -216,11 +228,15 @@ def test_fast_rcnn_without_matching_proposal_files_fails_before_training(tmp_pat
 
 
 def test_runs_with_the_same_seed_are_identical(tiny_val, short_run, tmp_path):
-    losses = []
-    for run in ("a", "b"):
+    """Two 2-iteration runs with SEED 3 end with identical weights; SEED 4 gives others."""
+
+    def final_weights(run, seed):
         out = tmp_path / run
-        train_net.main(
-            _args("--config-file", LIBRA_SHAPES, *short_run(out, tiny_val, 2), "SEED", "3")
-        )
-        losses.append([r["total_loss"] for r in _metrics(out) if "total_loss" in r])
-    assert losses[0] == losses[1] and len(losses[0]) > 0
+        opts = [*short_run(out, tiny_val, 2), "SEED", str(seed), "DATASETS.TEST", "()"]
+        train_net.main(_args("--config-file", LIBRA_SHAPES, *opts))
+        return torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+
+    a, b, c = final_weights("a", 3), final_weights("b", 3), final_weights("c", 4)
+    assert a.keys() == b.keys() == c.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], c[k])]
