@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from libra_d2.modeling.bfp import BalancedFeaturePyramid, NonLocal2d
 
@@ -50,15 +51,14 @@ def np_bfp_identity_refine(xs, refine_level):
 
 
 def ref_non_local(block, x):
-    """softmax(theta^T phi) g written out in float64: (N, C, H, W) -> (N, C, H, W)."""
-    x = x.double()
+    """softmax(theta^T phi) g written out in float64 on the CPU: (N, C, H, W) -> (N, C, H, W)."""
+    x = x.detach().double().cpu()
     n, c, h, w = x.shape
 
     def conv1x1(conv, t):
-        wgt = conv.weight.detach().double()[:, :, 0, 0]
-        return (
-            torch.einsum("oc,nchw->nohw", wgt, t) + conv.bias.detach().double()[None, :, None, None]
-        )
+        wgt = conv.weight.detach().double().cpu()[:, :, 0, 0]
+        bias = conv.bias.detach().double().cpu()
+        return torch.einsum("oc,nchw->nohw", wgt, t) + bias[None, :, None, None]
 
     theta = conv1x1(block.theta, x).reshape(n, c, h * w)  # (N, C, HW)
     phi = conv1x1(block.phi, x).reshape(n, c, h * w)
@@ -68,6 +68,21 @@ def ref_non_local(block, x):
     attn = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)
     y = torch.einsum("nij,ncj->nci", attn, g).reshape(n, c, h, w)
     return x + conv1x1(block.conv_out, y)
+
+
+def ref_bfp_non_local(bfp, xs):
+    """Whole BFP with a non-local refine: numpy gather/scatter and the float64 block."""
+    xs64 = [x.detach().double().cpu().numpy() for x in xs]
+    lvl = bfp.refine_level
+    hw = xs64[lvl].shape[-2:]
+    gathered = [
+        np_adaptive_max(x, hw) if i < lvl else np_nearest(x, hw) for i, x in enumerate(xs64)
+    ]
+    bsf = ref_non_local(bfp.refine, torch.from_numpy(sum(gathered) / len(xs))).numpy()
+    return [
+        x + (np_nearest(bsf, x.shape[-2:]) if i < lvl else np_adaptive_max(bsf, x.shape[-2:]))
+        for i, x in enumerate(xs64)
+    ]
 
 
 def make_inputs(sizes, c=4, n=2, seed=0, dtype=torch.float32):
@@ -149,14 +164,7 @@ def test_bfp_with_refined_non_local_against_reference():
     xs = make_inputs(ODD_SIZES, c=4, n=1, seed=3)
     bfp = BalancedFeaturePyramid(4, 5, refine_level=2)
     perturb_conv_out(bfp)
-    xs64 = [x.numpy().astype(np.float64) for x in xs]
-    hw = xs64[2].shape[-2:]
-    gathered = [np_adaptive_max(x, hw) if i < 2 else np_nearest(x, hw) for i, x in enumerate(xs64)]
-    bsf = ref_non_local(bfp.refine, torch.from_numpy(sum(gathered) / 5)).numpy()
-    outs = bfp(xs)
-    for i, (got, x) in enumerate(zip(outs, xs64)):
-        hw_i = x.shape[-2:]
-        want = x + (np_nearest(bsf, hw_i) if i < 2 else np_adaptive_max(bsf, hw_i))
+    for got, want in zip(bfp(xs), ref_bfp_non_local(bfp, xs)):
         np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-4, atol=1e-4)
 
 
@@ -254,33 +262,67 @@ def test_invalid_constructor_arguments(kwargs, match):
         BalancedFeaturePyramid(**kwargs)
 
 
-def test_invalid_inputs():
-    bfp = BalancedFeaturePyramid(4, 3, refine_level=1)
-    xs = make_inputs([(8, 8), (4, 4), (2, 2)], c=4)
-    with pytest.raises(ValueError, match="num_levels"):
-        bfp(xs[:2])
-    with pytest.raises(ValueError, match="in_channels"):
-        bfp([xs[0], xs[1], torch.randn(2, 3, 2, 2)])
-    with pytest.raises(ValueError, match="4-d"):
-        bfp([xs[0], xs[1], torch.randn(4, 2, 2)])
-    with pytest.raises(ValueError, match="batch size"):
-        bfp([xs[0], xs[1], torch.randn(1, 4, 2, 2)])
-    with pytest.raises(ValueError, match="list or tuple"):
-        bfp(torch.randn(3, 2, 4, 8, 8))
-
-
-@pytest.mark.parametrize("refine_type", ["non_local", "conv"])
-def test_bf16_autocast_cpu(refine_type):
+def test_bf16_autocast_cpu_against_reference():
     torch.manual_seed(0)
     xs = make_inputs(ODD_SIZES, c=16, n=1)
-    bfp = BalancedFeaturePyramid(16, 5, refine_level=2, refine_type=refine_type)
+    bfp = BalancedFeaturePyramid(16, 5, refine_level=2)
     perturb_conv_out(bfp, std=0.1)
-    if refine_type == "non_local":  # large unscaled logits: peaky attention
-        for m in (bfp.refine.theta, bfp.refine.phi):
-            nn.init.normal_(m.weight, std=0.3)
-    ref = bfp(xs)
+    for m in (bfp.refine.theta, bfp.refine.phi):  # large unscaled logits: peaky attention
+        nn.init.normal_(m.weight, std=0.3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outs = bfp(xs)
-    for o, r in zip(outs, ref):
-        assert o.shape == r.shape and torch.isfinite(o).all()
-        torch.testing.assert_close(o.float(), r, rtol=5e-2, atol=5e-2)
+    for got, want in zip(outs, ref_bfp_non_local(bfp, xs)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.detach().float().numpy(), want, rtol=5e-2, atol=5e-2)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_non_local_runs_on_a_fused_sdpa_kernel(device, dtype):
+    """Forward and backward with SDPA's math path disabled: a fallback to it raises."""
+    bfp = BalancedFeaturePyramid(16, 5, refine_level=2)
+    perturb_conv_out(bfp, std=0.1)
+    bfp.to(device, dtype)
+    xs = [x.to(device, dtype).requires_grad_() for x in make_inputs(ODD_SIZES, c=16, n=2)]
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        outs = bfp(xs)
+        sum(o.float().sum() for o in outs).backward()
+    tol = TOLERANCE[dtype]
+    for got, want in zip(outs, ref_bfp_non_local(bfp, xs)):
+        np.testing.assert_allclose(got.detach().double().cpu().numpy(), want, rtol=tol, atol=tol)
+    for x in xs:
+        assert torch.isfinite(x.grad).all()
+    for name, p in bfp.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_logits_beyond_the_fp16_range(device):
+    """Unscaled theta^T phi logits above 65504 (fp16's max) still give the softmax."""
+    torch.manual_seed(0)
+    block = NonLocal2d(32)
+    for m in (block.theta, block.phi):
+        nn.init.normal_(m.weight, std=2.0)
+    block = block.to(device, torch.float16)
+    x = (torch.randn(1, 32, 6, 7) * 8).to(device, torch.float16).requires_grad_()
+    ref = ref_non_local(block, x.detach().cpu())  # float64
+
+    def conv(m):
+        return torch.einsum("oc,nchw->nohw", m.weight.double().cpu()[:, :, 0, 0], x.double().cpu())
+
+    logits = torch.einsum("nci,ncj->nij", conv(block.theta).flatten(2), conv(block.phi).flatten(2))
+    assert logits.abs().max() > 65504
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        y = block(x)
+        y.float().sum().backward()
+    torch.testing.assert_close(y.detach().double().cpu(), ref, rtol=1e-2, atol=1e-2)
+    assert torch.isfinite(x.grad).all()

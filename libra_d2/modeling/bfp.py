@@ -33,9 +33,11 @@ class NonLocal2d(nn.Module):
     initialised N(0, 0.01) with zero bias and ``conv_out`` with zeros (weight and bias), so a
     freshly built block is the identity.
 
-    Shapes: input ``(N, C, H, W)`` -> output ``(N, C, H, W)``. The attention matrix is
-    ``(H*W) x (H*W)`` per image (computed by ``F.scaled_dot_product_attention``, which may
-    avoid materialising it).
+    Shapes: input ``(N, C, H, W)`` -> output ``(N, C, H, W)``. The ``(H*W) x (H*W)``
+    attention is computed by ``F.scaled_dot_product_attention`` on contiguous ``(N, 1, H*W, C)``
+    tokens, so a fused (flash / memory-efficient) kernel runs it without materialising the
+    attention matrix; those kernels and SDPA's math path accumulate the logits and the softmax in
+    fp32, so unscaled logits do not overflow in fp16.
     """
 
     def __init__(self, in_channels: int, init_std: float = 0.01):
@@ -56,24 +58,18 @@ class NonLocal2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) -> (N, C, H, W)."""
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
+        # (N, C, H, W) -> (N, 1, H*W, C): one attention head over the spatial positions; the
+        # 1x1 convs applied as F.linear on the tokens give contiguous query / key / value.
+        tokens = x.flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
 
-        def tokens(t: torch.Tensor) -> torch.Tensor:
-            # (N, C', H, W) -> (N, 1, H*W, C'): one attention head over the spatial positions
-            return t.flatten(2).transpose(1, 2).unsqueeze(1)
+        def conv1x1(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
+            return F.linear(t, conv.weight.flatten(1), conv.bias)
 
-        q, k, v = tokens(self.theta(x)), tokens(self.phi(x)), tokens(self.g(x))
-        if q.dtype == torch.float16:
-            # Unscaled theta^T phi logits over C channels can exceed the fp16 range; bf16 and
-            # fp32 share the fp32 exponent range and the sdpa softmax is max-subtracted, so
-            # only fp16 is promoted (outside autocast, which would cast it back).
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=1.0)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-        # (N, 1, H*W, C') -> (N, C', H, W)
-        y = y.squeeze(1).transpose(1, 2).reshape(n, -1, h, w)
-        return x + self.conv_out(y)
+        q, k, v = (conv1x1(m, tokens) for m in (self.theta, self.phi, self.g))
+        y = conv1x1(self.conv_out, F.scaled_dot_product_attention(q, k, v, scale=1.0))
+        # (N, 1, H*W, C) -> (N, C, H, W)
+        return x + y.squeeze(1).transpose(1, 2).reshape(n, c, h, w)
 
 
 class BalancedFeaturePyramid(nn.Module):
@@ -139,33 +135,8 @@ class BalancedFeaturePyramid(nn.Module):
         else:
             self.refine = nn.Identity()
 
-    def _check_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
-        if not isinstance(inputs, (list, tuple)):
-            raise ValueError(
-                f"inputs must be a list or tuple of {self.num_levels} tensors, "
-                f"got {type(inputs).__name__}"
-            )
-        if len(inputs) != self.num_levels:
-            raise ValueError(
-                f"inputs must have num_levels = {self.num_levels} tensors, got {len(inputs)}"
-            )
-        for i, x in enumerate(inputs):
-            if not isinstance(x, torch.Tensor) or x.dim() != 4:
-                raise ValueError(f"inputs[{i}] must be a 4-d tensor (N, C, H, W)")
-            if x.shape[1] != self.in_channels:
-                raise ValueError(
-                    f"inputs[{i}] must have in_channels = {self.in_channels} channels, "
-                    f"got shape {tuple(x.shape)}"
-                )
-            if x.shape[0] != inputs[0].shape[0]:
-                raise ValueError(
-                    f"all inputs must have the same batch size, got {tuple(x.shape)} at "
-                    f"level {i} and {tuple(inputs[0].shape)} at level 0"
-                )
-
     def forward(self, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """inputs: L tensors (N, C, H_i, W_i), fine to coarse -> list of L tensors, same shapes."""
-        self._check_inputs(inputs)
         refine_hw = inputs[self.refine_level].shape[-2:]
 
         # 1. integrate: gather to the refine level's size and average
@@ -247,6 +218,8 @@ def _build_resnet_bfp(cfg, input_shape, top_block_fn):
     top_block = top_block_fn(bottom_up)
     num_levels = len(cfg.MODEL.FPN.IN_FEATURES) + top_block.num_levels
     check_range("MODEL.BFP.REFINE_LEVEL", bfp.REFINE_LEVEL, 0, num_levels, high_open=True)
+    if not float(bfp.REFINE_LEVEL).is_integer():
+        raise ValueError(f"MODEL.BFP.REFINE_LEVEL = {bfp.REFINE_LEVEL!r} must be an integer")
     return BalancedFPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
@@ -271,19 +244,29 @@ def build_resnet_bfp_backbone(cfg, input_shape: ShapeSpec):
     return _build_resnet_bfp(cfg, input_shape, lambda bottom_up: LastLevelMaxPool())
 
 
+class LastLevelP6P7NoReLU(LastLevelP6P7):
+    """:class:`LastLevelP6P7` with ``P7 = conv(P6)``, no ReLU in between (mmdetection's FPN)."""
+
+    def forward(self, c5):
+        p6 = self.p6(c5)
+        return [p6, self.p7(p6)]
+
+
 @BACKBONE_REGISTRY.register()
 def build_retinanet_resnet_bfp_backbone(cfg, input_shape: ShapeSpec):
     """
     The backbone of ``build_retinanet_resnet_fpn_backbone`` (ResNet + FPN p3-p7) followed by the
-    Balanced Feature Pyramid over p3-p7 (official Libra RetinaNet: refine level 1 = p4).
+    Balanced Feature Pyramid over p3-p7 (official Libra RetinaNet: refine level 1 = p4). P7 is
+    computed from ``relu(P6)`` or, with ``MODEL.FPN.P7_RELU: False``, from ``P6``.
 
     Returns:
         BalancedFPN: a detectron2 :class:`Backbone`.
     """
+    top_block = LastLevelP6P7 if cfg.MODEL.FPN.P7_RELU else LastLevelP6P7NoReLU
     return _build_resnet_bfp(
         cfg,
         input_shape,
-        lambda bottom_up: LastLevelP6P7(
+        lambda bottom_up: top_block(
             bottom_up.output_shape()["res5"].channels, cfg.MODEL.FPN.OUT_CHANNELS
         ),
     )
