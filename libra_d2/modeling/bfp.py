@@ -72,6 +72,35 @@ class NonLocal2d(nn.Module):
         return x + y.squeeze(1).transpose(1, 2).reshape(n, c, h, w)
 
 
+class _MaxPoolTo(torch.autograd.Function):
+    """``F.adaptive_max_pool2d(x, size)`` whose backward keeps the argmax indices, not ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, size):
+        out, idx = F.adaptive_max_pool2d(x, size, return_indices=True)
+        ctx.save_for_backward(idx)
+        ctx.x_shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        n, c, h, w = ctx.x_shape
+        grad_x = grad.new_zeros(n, c, h * w).scatter_add_(2, idx.flatten(2), grad.flatten(2))
+        return grad_x.view(n, c, h, w), None
+
+
+def _max_pool_to(x: torch.Tensor, size) -> torch.Tensor:
+    """
+    ``F.adaptive_max_pool2d(x, size)``, same values and gradient. When ``x`` needs a gradient, the
+    backward keeps only the indices, so a pyramid level gathered this way is not held twice (as
+    the FPN output here and the BFP output in the heads) until the backward.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MaxPoolTo.apply(x, tuple(size))
+    return F.adaptive_max_pool2d(x, size)
+
+
 class BalancedFeaturePyramid(nn.Module):
     """
     Balanced Feature Pyramid: integrate, refine and strengthen multi-level features.
@@ -143,7 +172,7 @@ class BalancedFeaturePyramid(nn.Module):
         gathered = []
         for i, x in enumerate(inputs):
             if i < self.refine_level:
-                gathered.append(F.adaptive_max_pool2d(x, output_size=refine_hw))
+                gathered.append(_max_pool_to(x, refine_hw))
             elif i > self.refine_level:
                 gathered.append(F.interpolate(x, size=refine_hw, mode="nearest"))
             else:
