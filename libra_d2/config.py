@@ -63,16 +63,21 @@ def add_libra_config(cfg):
     return cfg
 
 
-def check_range(key, value, low, high, low_open=False, high_open=False):
+def check_range(key, value, low, high, low_open=False, high_open=False, integer=False):
     """
     Raise ``ValueError`` naming the config ``key`` unless ``low <= value <= high`` (``<`` on an
-    open side; NaN is out of any range). Used by the libra_d2 modules' ``from_config``.
+    open side; NaN is out of any range) and, with ``integer``, ``value`` is a whole number. Used by
+    the libra_d2 modules' ``from_config``.
     """
     above_low = low < value if low_open else low <= value
     below_high = value < high if high_open else value <= high
-    if not (above_low and below_high):
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{key} = {value!r} is out of range: it must lie in {interval}")
+    if not (above_low and below_high and (not integer or float(value).is_integer())):
+        if high == math.inf:
+            interval = f"{'>' if low_open else '>='} {low}"
+        else:
+            interval = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        kind = "be an integer" if integer else "lie"
+        raise ValueError(f"{key} = {value!r} is out of range: it must {kind} {interval}")
 
 
 def check_positive(key, value):

@@ -246,9 +246,9 @@ def _build_resnet_bfp(cfg, input_shape, top_block_fn):
     bottom_up = build_resnet_backbone(cfg, input_shape)
     top_block = top_block_fn(bottom_up)
     num_levels = len(cfg.MODEL.FPN.IN_FEATURES) + top_block.num_levels
-    check_range("MODEL.BFP.REFINE_LEVEL", bfp.REFINE_LEVEL, 0, num_levels, high_open=True)
-    if not float(bfp.REFINE_LEVEL).is_integer():
-        raise ValueError(f"MODEL.BFP.REFINE_LEVEL = {bfp.REFINE_LEVEL!r} must be an integer")
+    check_range(
+        "MODEL.BFP.REFINE_LEVEL", bfp.REFINE_LEVEL, 0, num_levels, high_open=True, integer=True
+    )
     return BalancedFPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,

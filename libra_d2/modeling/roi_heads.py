@@ -9,7 +9,7 @@
   as in the official implementation.
 """
 
-import numbers
+import math
 
 import torch
 from detectron2.config import configurable
@@ -120,9 +120,7 @@ class IoUBalancedROIHeads(LibraROIHeads):
     def from_config(cls, cfg, input_shape):
         ib = cfg.MODEL.ROI_HEADS.IOU_BALANCED
         key = "MODEL.ROI_HEADS.IOU_BALANCED."
-        nb = ib.NUM_BINS
-        if not (isinstance(nb, numbers.Real) and float(nb).is_integer() and nb >= 1):
-            raise ValueError(f"{key}NUM_BINS = {nb!r} is out of range: it must be an integer >= 1")
+        check_range(key + "NUM_BINS", ib.NUM_BINS, 1, math.inf, integer=True)
         check_range(key + "FLOOR_FRACTION", ib.FLOOR_FRACTION, 0.0, 1.0)
         if ib.FLOOR_THR != -1:
             try:
@@ -131,7 +129,7 @@ class IoUBalancedROIHeads(LibraROIHeads):
                 raise ValueError(f"{e} (or be -1 to bin every negative)") from None
         return {
             **super().from_config(cfg, input_shape),
-            "num_bins": int(nb),
+            "num_bins": int(ib.NUM_BINS),
             "floor_thr": float(ib.FLOOR_THR),
             "floor_fraction": float(ib.FLOOR_FRACTION),
             "instance_balanced_pos": bool(ib.INSTANCE_BALANCED_POS),
