@@ -30,6 +30,16 @@ def add_libra_config(cfg):
     # Split the positive quota evenly across ground-truth objects (instance-balanced positives).
     _C.MODEL.ROI_HEADS.IOU_BALANCED.INSTANCE_BALANCED_POS = True
 
+    # ---- First stage of the official recipe (MODEL.PROPOSAL_GENERATOR.NAME "LibraRPN") ----
+    # Not one of the paper's three components: settings of mmdetection's RPN that the official
+    # Libra configs use. The defaults below are detectron2's RPN.
+    # At most this many sampled negatives per sampled positive anchor in each image (official
+    # Libra: 5, mmdetection's neg_pos_ub); -1: no cap.
+    _C.MODEL.RPN.NEG_POS_UB = -1.0
+    # What the RPN losses are divided by: "batch_size" (BATCH_SIZE_PER_IMAGE x images,
+    # detectron2) or "num_sampled" (the anchors actually sampled, mmdetection).
+    _C.MODEL.RPN.LOSS_NORMALIZER = "batch_size"
+
     # ---- Feature level: Balanced Feature Pyramid over all FPN outputs ----
     _C.MODEL.BFP = CN()
     # Index into the FPN outputs of the level features are gathered at (2 = p4, stride 16).

@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT))  # train_net.py lives at the repository root
 
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
+from mmdet_reference import mmdet, random_models  # noqa: E402, F401  (session fixtures)
 
 import libra_d2  # noqa: E402  (registers libra_shapes_* under the path set above)
 

@@ -10,7 +10,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone, build_model
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 from detectron2.modeling.proposal_generator.rpn import RPN
-from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from libra_d2 import add_libra_config
@@ -18,6 +18,7 @@ from libra_d2.modeling import (
     BalancedFPN,
     IoUBalancedROIHeads,
     LibraROIHeads,
+    LibraRPN,
 )
 
 
@@ -260,6 +261,94 @@ def test_iou_balanced_config_validation(key, value, allowed):
     with pytest.raises(ValueError, match=r"^" + key.replace(".", r"\.")) as e:
         _roi_heads(**{key: value})
     assert allowed in str(e.value)
+
+
+# ----------------------------------------------------------- LibraRPN: the official RPN recipe
+def _libra_rpn(**overrides):
+    cfg = small_cfg(**{"MODEL.PROPOSAL_GENERATOR.NAME": "LibraRPN", **overrides})
+    rpn = build_model(cfg).proposal_generator
+    assert isinstance(rpn, LibraRPN)
+    return rpn
+
+
+def _anchor_labels(num_pos, num_neg, num_ignored=0):
+    return torch.tensor([1] * num_pos + [0] * num_neg + [-1] * num_ignored)
+
+
+def test_libra_rpn_defaults_are_detectron2s_rpn():
+    """Default keys: the same sampled anchors and the same losses as detectron2's RPN."""
+    cfg = small_cfg()
+    images = ImageList(torch.rand(2, 3, 96, 128), [(96, 128), (80, 120)])
+    gt = [
+        Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 10, 50, 60], [60, 20, 120, 90]])))
+    ]
+    gt.append(Instances((80, 120), gt_boxes=Boxes(torch.tensor([[5.0, 30, 40, 70]]))))
+    features = {f"p{i}": torch.rand(2, 32, 96 // 2**i, 128 // 2**i) for i in range(2, 7)}
+    losses = []
+    for name in ("RPN", "LibraRPN"):
+        torch.manual_seed(0)
+        rpn = build_model(small_cfg(**{"MODEL.PROPOSAL_GENERATOR.NAME": name})).proposal_generator
+        torch.manual_seed(1)
+        with EventStorage():
+            losses.append(rpn(images, features, gt)[1])
+    assert cfg.MODEL.RPN.NEG_POS_UB == -1 and cfg.MODEL.RPN.LOSS_NORMALIZER == "batch_size"
+    assert losses[0].keys() == losses[1].keys()
+    for k in losses[0]:
+        assert torch.equal(losses[0][k], losses[1][k]), k
+
+
+@pytest.mark.parametrize(
+    "num_pos, num_neg, kept_pos, kept_neg",
+    [(10, 1000, 10, 50), (0, 1000, 0, 5), (100, 1000, 100, 156), (300, 1000, 128, 128)],
+)
+def test_libra_rpn_caps_negatives_at_neg_pos_ub_per_positive(num_pos, num_neg, kept_pos, kept_neg):
+    """mmdetection's BaseSampler: at most int(5 * max(1, #positives)) of the 256 - #positives."""
+    rpn = _libra_rpn(**{"MODEL.RPN.NEG_POS_UB": 5.0})
+    label = rpn._subsample_labels(_anchor_labels(num_pos, num_neg, num_ignored=50))
+    assert (label == 1).sum() == kept_pos and (label == 0).sum() == kept_neg
+    assert (label[num_pos + num_neg :] == -1).all()
+
+
+def test_libra_rpn_capped_negatives_are_uniformly_random():
+    """Each negative is kept with the same probability, wherever it lies in anchor order."""
+    rpn = _libra_rpn(**{"MODEL.RPN.NEG_POS_UB": 5.0})
+    torch.manual_seed(0)
+    kept = sum((rpn._subsample_labels(_anchor_labels(10, 1000)) == 0).float() for _ in range(400))
+    kept = kept[10:] / 400  # 50 of 1000: 0.05 each
+    assert kept.mean() == pytest.approx(0.05)
+    for part in kept.view(4, 250):  # first to last quarter of the anchors
+        assert part.mean() == pytest.approx(0.05, abs=0.005)
+
+
+@pytest.mark.parametrize("normalizer", ["batch_size", "num_sampled"])
+def test_libra_rpn_loss_normalizer(normalizer):
+    """Zero logits: each sampled anchor's objectness loss is ln 2. Averaged over the sampled
+    anchors (each image's counts at least 1, as mmdetection) it is ln 2 whenever every image has
+    positives and negatives."""
+    rpn = _libra_rpn(**{"MODEL.RPN.LOSS_NORMALIZER": normalizer})
+    labels = [_anchor_labels(10, 50, 40), _anchor_labels(0, 70, 30)]  # 60 and 70 sampled
+    anchors = [Boxes(torch.tensor([[0.0, 0, 10, 10]]).repeat(100, 1))]
+    zeros = [torch.zeros(2, 100)]
+    with EventStorage():
+        losses = rpn.losses(
+            anchors, zeros, labels, [torch.zeros(2, 100, 4)], [anchors[0].tensor] * 2
+        )
+    expected = {"batch_size": 130 / (256 * 2), "num_sampled": 130 / (60 + 1 + 70)}[normalizer]
+    assert losses["loss_rpn_cls"].item() == pytest.approx(math.log(2) * expected, rel=1e-6)
+    assert losses["loss_rpn_loc"].item() == 0
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("MODEL.RPN.NEG_POS_UB", -2.0, r"MODEL\.RPN\.NEG_POS_UB = -2\.0 is out of range"),
+        ("MODEL.RPN.NEG_POS_UB", float("nan"), r"MODEL\.RPN\.NEG_POS_UB = nan is out of range"),
+        ("MODEL.RPN.LOSS_NORMALIZER", "mean", r"MODEL\.RPN\.LOSS_NORMALIZER = 'mean': must be"),
+    ],
+)
+def test_libra_rpn_config_validation(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        _libra_rpn(**{key: value})
 
 
 # ------------------------------------------------------------------- Balanced L1 box predictor

@@ -1,170 +1,43 @@
-"""detectron2 with the ``*_mmdet.yaml`` configs computes what mmdetection computes.
+"""detectron2 with the ``*_mmdet.yaml`` configs computes what mmdetection computes at inference.
 
-mmdetection 3.3.0 (mmcv-lite: no compiled ops; ``nms`` / ``roi_align_forward`` are routed to
-torchvision by a stand-in ``mmcv._ext``) builds Libra Faster R-CNN and Libra RetinaNet from its own
-config files with random weights, saved in mmdetection's checkpoint format. detectron2 loads that
-file through ``MODEL.WEIGHTS``; both run a real photograph at its own size (no resizing on either
-side) and must agree on the preprocessed input, the BFP features, the first stage (RPN proposals;
-RetinaNet's head outputs) and the final detections of each framework's full inference path.
+mmdetection 3.3.0 builds Libra Faster R-CNN and Libra RetinaNet from its own config files with
+random weights, saved in mmdetection's checkpoint format (``mmdet_reference.py``). detectron2
+loads that file through ``MODEL.WEIGHTS``; both run a real photograph at its own size (no resizing
+on either side) and must agree on the preprocessed input, the BFP features, the first stage (RPN
+proposals; RetinaNet's head outputs) and the final detections of each framework's full inference
+path.
 """
 
-import importlib.machinery
 import json
 import logging
-import os
 import subprocess
 import sys
 import types
 from pathlib import Path
 
 import cv2
-import matplotlib
 import numpy as np
 import pytest
 import torch
-import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
+from mmdet_reference import (
+    BOX_TOL,
+    COCO_CONFIGS,
+    HEIGHT,
+    MODELS,
+    PHOTO,
+    SCORE_TOL,
+    WIDTH,
+    max_diff,
+    mmdet_config,
+)
 
 from libra_d2 import add_libra_config
 from libra_d2.checkpoint import LibraCheckpointer
 from libra_d2.mmdet_checkpoint import MMDetCheckpointError, convert_mmdet_state_dict
-
-COCO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "COCO-Detection"
-PHOTO = str(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
-HEIGHT, WIDTH = 600, 512  # the photo's size: both frameworks' test scale, so neither resizes
-BOX_TOL, SCORE_TOL = 1e-3, 1e-5
-
-MODELS = {
-    "faster_rcnn": ("libra-faster-rcnn_r50_fpn_1x_coco.py", "libra_faster_rcnn_R_50_FPN_1x_mmdet"),
-    "retinanet": ("libra-retinanet_r50_fpn_1x_coco.py", "libra_retinanet_R_50_FPN_1x_mmdet"),
-}
-
-
-class _StandInExt(types.ModuleType):
-    """``mmcv._ext`` for mmcv-lite: the two ops the Libra models test with, from torchvision."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def unavailable(*args, **kwargs):
-            raise NotImplementedError(f"mmcv._ext.{name} has no stand-in")
-
-        return unavailable
-
-    @staticmethod
-    def nms(boxes, scores, iou_threshold, offset):
-        assert offset == 0, offset
-        return torchvision.ops.nms(boxes, scores, iou_threshold)
-
-    @staticmethod
-    def roi_align_forward(input, rois, output, argmax_y, argmax_x, aligned_height, aligned_width,
-                          spatial_scale, sampling_ratio, pool_mode, aligned):  # fmt: skip
-        assert pool_mode == 1, "avg pooling only"
-        output.copy_(
-            torchvision.ops.roi_align(
-                input, rois, (aligned_height, aligned_width), spatial_scale, sampling_ratio, aligned
-            )
-        )
-
-
-@pytest.fixture(scope="module")
-def mmdet():
-    """The mmdetection package, importable on a CPU without mmcv's compiled ops (the stand-in
-    ``mmcv._ext`` stays in ``sys.modules`` for the session)."""
-    if "mmcv._ext" not in sys.modules:
-        ext = _StandInExt("mmcv._ext")
-        ext.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)
-        sys.modules["mmcv._ext"] = ext
-    import mmdet
-    import mmdet.apis
-    from mmdet.utils import register_all_modules
-
-    register_all_modules()
-    return mmdet
-
-
-def _mmdet_config(mmdet, file_name):
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(
-        os.path.join(os.path.dirname(mmdet.__file__), ".mim/configs/libra_rcnn", file_name)
-    )
-    cfg.model.backbone.init_cfg = None  # no ImageNet download: random weights
-    for pipeline in (cfg.test_pipeline, cfg.test_dataloader.dataset.pipeline):
-        [resize] = [t for t in pipeline if t.type == "Resize"]
-        resize.scale = (WIDTH, HEIGHT)
-    return cfg
-
-
-@torch.no_grad()
-def _randomise(model, image):
-    """
-    Random weights a trained model could have: random BN affine parameters with the statistics
-    they give on the photo itself, a non-zero non-local block, spread-out RPN objectness, and
-    class scores confident enough (ten classes biased up) to pass the 0.05 score threshold.
-    """
-    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for bn in bns:
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.normal_(0.0, 0.2)
-        bn.reset_running_stats()
-        bn.momentum = None  # running statistics := those of the photo
-        bn.train()
-    model.backbone(image)
-    for bn in bns:
-        bn.eval()
-    refine = model.neck[1].refine
-    for conv in (refine.g, refine.theta, refine.phi, refine.conv_out):
-        conv.conv.weight.normal_(0.0, 0.02)
-        conv.conv.bias.normal_(0.0, 0.02)
-    if hasattr(model, "rpn_head"):
-        model.rpn_head.rpn_cls.weight.normal_(0.0, 0.03)
-        cls = model.roi_head.bbox_head.fc_cls
-        cls.weight.normal_(0.0, 0.01)
-        cls.bias[:10] += 3.0  # ten confident classes; background last, unbiased
-    else:
-        cls = model.bbox_head.retina_cls
-        cls.weight.normal_(0.0, 0.05)
-        cls.bias.view(9, 80)[:, :10] += 2.5
-
-
-def _max_diff(a, b):
-    return (a - b).abs().max().item() if a.numel() else 0.0
-
-
-@pytest.fixture(scope="module")
-def random_models(mmdet, tmp_path_factory):
-    """
-    name -> (mmdetection config, randomised model, its preprocessed photo, the model saved in
-    mmdetection's checkpoint format), for both Libra models.
-    """
-    from mmdet.registry import MODELS as MMDET_MODELS
-    from mmengine.dataset import Compose
-
-    folder = tmp_path_factory.mktemp("mmdet")
-    models = {}
-    for name, (mm_file, _) in MODELS.items():
-        mm_cfg = _mmdet_config(mmdet, mm_file)
-        torch.manual_seed(0)
-        mm_model = MMDET_MODELS.build(mm_cfg.model)
-        mm_model.init_weights()
-        mm_model.eval()
-        pipeline = Compose(mm_cfg.test_dataloader.dataset.pipeline)
-        data = pipeline({"img_path": PHOTO, "img_id": 0})
-        batch = mm_model.data_preprocessor({k: [v] for k, v in data.items()}, False)
-        _randomise(mm_model, batch["inputs"])
-        checkpoint = folder / f"{name}.pth"
-        meta = {
-            "mmdet_version": mmdet.__version__,
-            "dataset_meta": {"classes": [str(i) for i in range(80)]},
-        }
-        torch.save({"meta": meta, "state_dict": mm_model.state_dict()}, checkpoint)
-        models[name] = (mm_cfg, mm_model, batch, str(checkpoint))
-    return models
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -224,10 +97,10 @@ def test_inputs_and_balanced_features_match(pair):
         assert mm.shape == d2.shape
         scale = mm.abs().max().item()
         assert scale > 0.1  # features are non-trivial
-        assert _max_diff(d2, mm) <= 1e-4 * scale
+        assert max_diff(d2, mm) <= 1e-4 * scale
     print(
         f"\n{pair.name}: max |feature diff| per level",
-        [f"{_max_diff(a, b):.2e}" for a, b in zip(*pair.feats)],
+        [f"{max_diff(a, b):.2e}" for a, b in zip(*pair.feats)],
     )
 
 
@@ -238,7 +111,7 @@ def test_first_stage_outputs_match(pair):
         for mm_out, d2_out in zip(mm_logits + mm_deltas, d2_logits + d2_deltas):
             n, c, h, w = mm_out.shape  # mmdetection: anchor (ratio r, scale s) at r * 3 + s
             mm_out = mm_out.view(n, 3, 3, c // 9, h, w).transpose(1, 2).reshape(n, c, h, w)
-            diff = _max_diff(d2_out, mm_out)
+            diff = max_diff(d2_out, mm_out)
             assert diff <= 1e-4 * mm_out.abs().max().item(), diff
         print(f"\n{pair.name}: head outputs max |diff| {diff:.2e} (coarsest level)")
         return
@@ -247,12 +120,12 @@ def test_first_stage_outputs_match(pair):
     # Same boxes with the same scores; near-tied scores may come in either order.
     nearest = (d2_boxes[:, None] - mm_boxes[None]).abs().amax(dim=2).argmin(dim=1)
     assert nearest.unique().numel() == 1000
-    box = _max_diff(d2_boxes, mm_boxes[nearest])
-    score = _max_diff(d2.objectness_logits.sigmoid(), mm.scores[nearest])
+    box = max_diff(d2_boxes, mm_boxes[nearest])
+    score = max_diff(d2.objectness_logits.sigmoid(), mm.scores[nearest])
     swapped = (nearest != torch.arange(1000)).sum().item()
     print(
         f"\n{pair.name}: 1000 proposals, max |box diff| {box:.2e} px, |score diff| {score:.2e}, "
-        f"{swapped} in another order (score gap {_max_diff(mm.scores, mm.scores[nearest]):.1e})"
+        f"{swapped} in another order (score gap {max_diff(mm.scores, mm.scores[nearest]):.1e})"
     )
     assert box <= BOX_TOL and score <= SCORE_TOL
 
@@ -262,8 +135,8 @@ def test_final_detections_match(pair):
     assert len(mm) > 20  # the random model detects something
     assert len(d2) == len(mm)
     assert torch.equal(d2.pred_classes, mm.labels)
-    box = _max_diff(d2.pred_boxes.tensor, mm.bboxes)
-    score = _max_diff(d2.scores, mm.scores)
+    box = max_diff(d2.pred_boxes.tensor, mm.bboxes)
+    score = max_diff(d2.scores, mm.scores)
     print(
         f"\n{pair.name}: {len(mm)} detections, max |box diff| {box:.2e}, |score diff| {score:.2e}"
     )
@@ -387,7 +260,7 @@ def test_deeper_configs_have_mmdetection_tensors(mmdet, mm_file, config):
     """R-101 / X-101-64x4d: every mmdetection tensor fills one model tensor of the same shape."""
     from mmdet.registry import MODELS as MMDET_MODELS
 
-    mm_state = MMDET_MODELS.build(_mmdet_config(mmdet, mm_file).model).state_dict()
+    mm_state = MMDET_MODELS.build(mmdet_config(mmdet, mm_file).model).state_dict()
     model = _d2_model(config)
     converted = convert_mmdet_state_dict({"meta": {}, "state_dict": mm_state}, model.state_dict())
     d2_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -9,6 +9,7 @@ from .bfp import (
 )
 from .retinanet import LibraRetinaNet
 from .roi_heads import IoUBalancedROIHeads, LibraROIHeads
+from .rpn import LibraRPN
 from .sampling import iou_balanced_subsample
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "LibraRetinaNet",
     "IoUBalancedROIHeads",
     "LibraROIHeads",
+    "LibraRPN",
     "iou_balanced_subsample",
 ]
