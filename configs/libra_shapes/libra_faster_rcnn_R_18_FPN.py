@@ -1,0 +1,71 @@
+# Libra Faster R-CNN R-18-FPN on libra_shapes (CPU) as LazyConfig: the model, data and schedule of
+# libra_faster_rcnn_R_18_FPN.yaml, read from that file, on configs/common/models and detectron2's
+# common data, optimizer and train settings.
+import os
+
+import detectron2.data.transforms as T
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
+from detectron2.solver import WarmupParamScheduler
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from libra_d2.lazy import libra_yaml
+
+from ..common.models.libra_faster_rcnn_fpn import model
+
+_C = libra_yaml(os.path.join(os.path.dirname(__file__), "libra_faster_rcnn_R_18_FPN.yaml"))
+
+# model: R-18 with GroupNorm, trained from scratch; a 64-channel FPN; small anchors and heads
+_bottom_up = model.backbone.bottom_up
+_bottom_up.stem.norm = _bottom_up.stages.norm = model.backbone.norm = _C.MODEL.RESNETS.NORM
+_bottom_up.stages.depth = _C.MODEL.RESNETS.DEPTH
+del _bottom_up.stages.stride_in_1x1  # basic blocks have a single stride
+_bottom_up.freeze_at = _C.MODEL.BACKBONE.FREEZE_AT
+model.backbone.out_channels = _channels = _C.MODEL.FPN.OUT_CHANNELS
+model.proposal_generator.head.in_channels = _channels
+model.proposal_generator.anchor_generator.sizes = _C.MODEL.ANCHOR_GENERATOR.SIZES
+_rpn = _C.MODEL.RPN
+model.proposal_generator.pre_nms_topk = (_rpn.PRE_NMS_TOPK_TRAIN, _rpn.PRE_NMS_TOPK_TEST)
+model.proposal_generator.post_nms_topk = (_rpn.POST_NMS_TOPK_TRAIN, _rpn.POST_NMS_TOPK_TEST)
+model.roi_heads.num_classes = _C.MODEL.ROI_HEADS.NUM_CLASSES
+model.roi_heads.batch_size_per_image = _C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
+model.roi_heads.box_pooler.sampling_ratio = _C.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO
+_fc_dim = _C.MODEL.ROI_BOX_HEAD.FC_DIM
+model.roi_heads.box_head.input_shape = ShapeSpec(channels=_channels, height=7, width=7)
+model.roi_heads.box_head.fc_dims = [_fc_dim] * _C.MODEL.ROI_BOX_HEAD.NUM_FC
+model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=_fc_dim)
+model.pixel_mean, model.pixel_std = _C.MODEL.PIXEL_MEAN, _C.MODEL.PIXEL_STD
+
+# data: 224 px images, horizontal flips, COCO evaluation
+dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+dataloader.train.dataset.names = _C.DATASETS.TRAIN[0]
+dataloader.test.dataset.names = _C.DATASETS.TEST[0]
+dataloader.train.mapper.use_instance_mask = False
+dataloader.train.mapper.augmentations[0] = L(T.ResizeShortestEdge)(
+    short_edge_length=_C.INPUT.MIN_SIZE_TRAIN,
+    max_size=_C.INPUT.MAX_SIZE_TRAIN,
+    sample_style="choice",
+)
+dataloader.test.mapper.augmentations[0] = L(T.ResizeShortestEdge)(
+    short_edge_length=_C.INPUT.MIN_SIZE_TEST, max_size=_C.INPUT.MAX_SIZE_TEST
+)
+dataloader.train.total_batch_size = _C.SOLVER.IMS_PER_BATCH
+dataloader.train.num_workers = dataloader.test.num_workers = _C.DATALOADER.NUM_WORKERS
+
+# schedule: SGD, linear warm-up, two steps of x0.1
+optimizer = model_zoo.get_config("common/optim.py").SGD
+optimizer.lr = _C.SOLVER.BASE_LR
+train = model_zoo.get_config("common/train.py").train
+train.max_iter = _C.SOLVER.MAX_ITER
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(
+        values=[1.0, 0.1, 0.01], milestones=list(_C.SOLVER.STEPS), num_updates=train.max_iter
+    ),
+    warmup_length=_C.SOLVER.WARMUP_ITERS / train.max_iter,
+    warmup_factor=_C.SOLVER.WARMUP_FACTOR,
+)
+train.checkpointer.period = _C.SOLVER.CHECKPOINT_PERIOD
+train.eval_period = train.max_iter  # evaluate once, at the end
+train.device = _C.MODEL.DEVICE
+train.output_dir = _C.OUTPUT_DIR + "_lazy"

@@ -1,0 +1,99 @@
+"""LazyConfig files: every one loads and builds, and each Lazy model is its YAML twin."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from libra_d2.checks import load_config
+from libra_d2.modeling import BalancedFPN, IoUBalancedROIHeads, LibraRetinaNet, LibraRPN
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+LAZY_FILES = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.py"))
+# (LazyConfig, YAML config of the same model)
+TWINS = [
+    ("libra_shapes/libra_faster_rcnn_R_18_FPN.py", "libra_shapes/libra_faster_rcnn_R_18_FPN.yaml"),
+    (
+        "COCO-Detection/libra_faster_rcnn_R_50_FPN_1x.py",
+        "COCO-Detection/libra_faster_rcnn_R_50_FPN_1x.yaml",
+    ),
+    (
+        "COCO-Detection/libra_retinanet_R_50_FPN_1x.py",
+        "COCO-Detection/libra_retinanet_R_50_FPN_1x.yaml",
+    ),
+]
+
+
+def test_lazy_files_are_found():
+    assert len(LAZY_FILES) >= 7 and {lazy for lazy, _ in TWINS} <= set(LAZY_FILES)
+
+
+@pytest.mark.parametrize("name", LAZY_FILES)
+def test_every_lazy_config_loads_and_builds_a_libra_model(name):
+    cfg = LazyConfig.load(str(CONFIGS / name))
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    assert isinstance(model.backbone, BalancedFPN)
+    if isinstance(model, LibraRetinaNet):
+        assert model.balanced_l1_params["beta"] == 0.11
+        return
+    assert isinstance(model.proposal_generator, LibraRPN)
+    assert (model.proposal_generator.neg_pos_ub, model.proposal_generator.loss_normalizer) == (
+        5.0,
+        "num_sampled",
+    )
+    assert isinstance(model.roi_heads, IoUBalancedROIHeads)
+    assert model.roi_heads.box_predictor.box_reg_loss_type == "balanced_l1"
+    if "common" not in name:  # a full config: what train_net.py needs
+        assert {"dataloader", "optimizer", "lr_multiplier", "train"} <= set(cfg)
+
+
+@pytest.mark.parametrize("lazy, yaml", TWINS)
+def test_lazy_and_yaml_configs_build_the_same_model(lazy, yaml):
+    """Same parameter and buffer names and shapes; with the same weights, the same features,
+    detections and (with the same random draws) training losses."""
+    cfg = LazyConfig.load(str(CONFIGS / lazy))
+    yaml_cfg = load_config(str(CONFIGS / yaml), ["MODEL.DEVICE", "cpu"])
+    # an untrained model's scores are low: keep every detection on both sides
+    if "retinanet" in lazy:
+        cfg.model.test_score_thresh = 0.0
+        yaml_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    else:
+        cfg.model.roi_heads.box_predictor.test_score_thresh = 0.0
+        yaml_cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    torch.manual_seed(0)
+    lazy_model, yaml_model = instantiate(cfg.model).eval(), build_model(yaml_cfg).eval()
+    lazy_state, yaml_state = lazy_model.state_dict(), yaml_model.state_dict()
+    assert {k: v.shape for k, v in lazy_state.items()} == {
+        k: v.shape for k, v in yaml_state.items()
+    }
+    with torch.no_grad():
+        for name, v in yaml_state.items():  # the BFP's zero-initialised output conv too
+            if name.startswith("backbone.bfp."):
+                v.normal_(0.0, 0.01)
+    lazy_model.load_state_dict(yaml_state)
+    image = torch.randint(0, 256, (3, 192, 224), dtype=torch.uint8)
+    boxes = Boxes(torch.tensor([[20.0, 30.0, 120.0, 150.0], [100.0, 20.0, 210.0, 90.0]]))
+    instances = Instances((192, 224), gt_boxes=boxes, gt_classes=torch.tensor([1, 3]))
+    outputs = []
+    for model in (lazy_model, yaml_model):
+        with torch.no_grad():
+            features = model.backbone(model.preprocess_image([{"image": image}]).tensor)
+            detections = model([{"image": image}])[0]["instances"].get_fields()
+        torch.manual_seed(1)  # the same random draws in training
+        with EventStorage():
+            losses = model.train()([{"image": image, "instances": instances}])
+        outputs.append({**features, **detections, **losses})
+    assert outputs[0].keys() == outputs[1].keys()
+    for key, value in outputs[1].items():
+        other = outputs[0][key]
+        if isinstance(value, Boxes):
+            value, other = value.tensor, other.tensor
+        assert torch.equal(other, value), key
+    assert any(k.startswith("loss") for k in outputs[1]) and all(
+        v.isfinite().all() for v in losses.values()
+    )
