@@ -103,10 +103,10 @@ def main(argv=None):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        cfg = setup_cfg(args)
         inputs = expand_inputs(args.input)
         for path in inputs:
             check_image(path)
-        cfg = setup_cfg(args)
     except SetupError as e:
         parser.exit(2, f"demo.py: error: {e}\n")
     if not cfg.MODEL.WEIGHTS:
