@@ -224,7 +224,8 @@ def _check_reachable(url, path, what, cached):
     try:
         urllib.request.urlopen(url, timeout=_URL_TIMEOUT_S).close()
     except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = str(getattr(e, "reason", e)) if not isinstance(e, urllib.error.HTTPError) else e
+        # HTTPError: "HTTP Error 404: Not Found"; URLError: its reason (e.g. a DNS error).
+        reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise SetupError(
             f"{what} '{path}' cannot be downloaded ({reason}); download it where there is "
             f"access and give the local file as {what}, or put it at '{cached}' "
