@@ -10,13 +10,21 @@ with the names of the ``configs/COCO-Detection/*_mmdet.yaml`` models. libra_d2's
 directly (``MODEL.WEIGHTS IN``); this file is for plain detectron2 tools.
 """
 
+# ruff: noqa: E402  (the warnings filter comes before the imports it is for)
 import argparse
+import os
 import pickle
 import sys
+import warnings
+
+# detectron2 compiles a few functions with torch.jit when imported; torch's deprecation notice
+# for that is addressed to detectron2, not to users of this script.
+warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
 
 import torch
 from detectron2.utils.file_io import PathManager
 
+from libra_d2.checks import SetupError, check_output_dir, check_weights
 from libra_d2.mmdet_checkpoint import (
     MMDetCheckpointError,
     convert_mmdet_state_dict,
@@ -31,9 +39,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.output.endswith((".pth", ".pkl")):
         parser.error(f"OUT must end with .pth or .pkl, got '{args.output}'")
-    loaded = torch.load(
-        PathManager.get_local_path(args.input), map_location="cpu", weights_only=True
-    )
+    try:
+        check_weights(args.input, what="IN")
+        check_output_dir(os.path.dirname(os.path.abspath(args.output)), what="OUT's folder")
+    except SetupError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    try:
+        local = PathManager.get_local_path(args.input)
+        loaded = torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises several types for files it cannot unpickle
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        parser.exit(2, f"{parser.prog}: error: '{args.input}' cannot be loaded: {first_line}\n")
     if not is_mmdet_checkpoint(loaded):
         parser.exit(2, f"{parser.prog}: error: '{args.input}' is not an mmdetection checkpoint\n")
     try:

@@ -8,16 +8,25 @@ Run a libra_d2 (or any detectron2) detector on images and save the drawn detecti
 
 Each input (a file or a glob pattern; several may be given) is written as ``<output>/<name>.png``
 with the detections above ``--confidence-threshold`` drawn by detectron2's ``Visualizer``, with the
-class names of the config's first test dataset. Inputs that are missing or cannot be read are
-reported (one warning each) and skipped; the exit status is 0 if at least one image was written.
+class names of the config's first test dataset. Before the model is built, every input must be
+an existing image file, the config, ``MODEL.DEVICE``, ``MODEL.WEIGHTS`` and ``--output`` must be
+usable (``libra_d2.checks.preflight``); a mistake is reported in one line (exit status 2). An image
+whose data turns out unreadable while running is skipped with a warning; the exit status is 0 if
+at least one image was written.
 """
 
+# ruff: noqa: E402  (the warnings filter comes before the imports it is for)
 import argparse
 import glob
 import logging
 import os
 import sys
 import time
+import warnings
+
+# detectron2 compiles a few functions with torch.jit when imported; torch's deprecation notice
+# for that is addressed to detectron2, not to users of this script.
+warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
 
 import cv2
 from detectron2.data import MetadataCatalog
@@ -25,7 +34,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from libra_d2.checkpoint import LibraCheckpointer
-from libra_d2.checks import SetupError, check_weights, load_config
+from libra_d2.checks import SetupError, check_image, preflight
 
 logger = logging.getLogger("libra_d2.demo")
 
@@ -56,8 +65,10 @@ def build_parser():
 
 
 def setup_cfg(args):
-    """The config with the libra keys, the overrides and the confidence threshold, frozen."""
-    cfg = load_config(args.config_file, args.opts)
+    """The config with the libra keys, the overrides and the confidence threshold, frozen, after
+    the pre-flight checks of what the demo needs (no datasets: only their class names are used).
+    """
+    cfg = preflight(args.config_file, args.opts, splits=(), output_dir=("--output", args.output))
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = args.confidence_threshold
@@ -93,7 +104,9 @@ def main(argv=None):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = setup_cfg(args)
-        check_weights(cfg.MODEL.WEIGHTS)
+        inputs = expand_inputs(args.input)
+        for path in inputs:
+            check_image(path)
     except SetupError as e:
         parser.exit(2, f"demo.py: error: {e}\n")
     if not cfg.MODEL.WEIGHTS:
@@ -106,13 +119,9 @@ def main(argv=None):
     if cfg.MODEL.WEIGHTS:
         LibraCheckpointer(predictor.model).load(cfg.MODEL.WEIGHTS)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
-    os.makedirs(args.output, exist_ok=True)
 
     done, used = 0, set()
-    for path in expand_inputs(args.input):
-        if not os.path.isfile(path):
-            logger.warning(f"{path}: no such file, skipped")
-            continue
+    for path in inputs:
         image = cv2.imread(path, cv2.IMREAD_COLOR)  # BGR, as DefaultPredictor expects
         if image is None:
             logger.warning(f"{path}: cannot be read as an image, skipped")

@@ -14,20 +14,26 @@ of the dataset is covered, including those without annotations. ``--num-gpus N``
 over N processes; the main process writes the file (atomically).
 """
 
+# ruff: noqa: E402  (the warnings filter comes before the imports it is for)
 import argparse
 import logging
+import os
 import sys
+import warnings
+
+# detectron2 compiles a few functions with torch.jit when imported; torch's deprecation notice
+# for that is addressed to detectron2, not to users of this script.
+warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
 
 import detectron2.utils.comm as comm
-from detectron2.data import DatasetCatalog, build_detection_test_loader
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import launch
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 import libra_d2  # noqa: F401  (registers the libra_d2 modules and the libra_shapes datasets)
 from libra_d2.checkpoint import LibraCheckpointer
-from libra_d2.checks import SetupError, check_weights, load_config
-from libra_d2.data import ensure_shapes_dataset, is_shapes_dataset
+from libra_d2.checks import SetupError, load_config, preflight
 from libra_d2.data.proposals import generate_proposals, merge_proposals, save_proposals
 
 logger = logging.getLogger("libra_d2.dump_proposals")
@@ -54,25 +60,34 @@ def get_parser():
 
 
 def setup(args):
-    """The config of ``args`` (frozen), after checking the dataset and the weights."""
-    cfg = load_config(args.config_file, args.opts or [])
-    if is_shapes_dataset(args.dataset):
-        ensure_shapes_dataset()
-    if args.dataset not in DatasetCatalog:
-        raise SetupError(f"dataset '{args.dataset}' is not registered with detectron2")
+    """The config of ``args`` (frozen), after the pre-flight checks of what dumping needs: the
+    device for ``--num-gpus`` processes, ``--output``'s folder, the dataset (only that one) and
+    the weights of a model with a proposal generator."""
+    folder = os.path.dirname(os.path.abspath(args.output))
+    cfg = preflight(
+        args.config_file,
+        args.opts or [],
+        splits=(),
+        datasets=(args.dataset,),
+        num_processes=args.num_gpus,
+        output_dir=("--output folder", folder),
+    )
+    if os.path.isdir(args.output):
+        raise SetupError(f"--output '{args.output}' is a folder; give the .pkl file to write")
     if cfg.MODEL.LOAD_PROPOSALS or cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals":
         raise SetupError(
             f"{args.config_file} uses precomputed proposals (MODEL.LOAD_PROPOSALS / "
             "PrecomputedProposals): give the config of the RPN / Faster R-CNN to dump them from"
         )
-    check_weights(cfg.MODEL.WEIGHTS)
     cfg.freeze()
     return cfg
 
 
 def main(args):
-    """Generate and save the proposals; returns the proposal dict (main process) or ``None``."""
-    cfg = setup(args)
+    """Generate and save the proposals; returns the proposal dict (main process) or ``None``.
+    The checks of :func:`setup` are run once, by :func:`invoke_main`, before the workers start."""
+    cfg = load_config(args.config_file, args.opts or [])
+    cfg.freeze()
     for name in ("fvcore", "detectron2", "libra_d2"):
         setup_logger(distributed_rank=comm.get_rank(), name=name)
     model = build_model(cfg)
@@ -94,7 +109,7 @@ def invoke_main() -> None:
     args = get_parser().parse_args()
     try:
         setup(args)  # one-line errors before any worker process starts
-    except (SetupError, ValueError) as e:
+    except SetupError as e:
         sys.exit(f"dump_proposals.py: error: {e}")
     launch(
         main,

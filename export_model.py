@@ -17,11 +17,16 @@ on the sample image; exit status 0 only if it gives the same classes as eager in
 and scores within ``--atol``; 1 if they differ or the check could not run (onnxruntime missing).
 """
 
+# ruff: noqa: E402  (the warnings filter comes before the imports it is for)
 import argparse
 import logging
 import os
 import sys
 import warnings
+
+# detectron2 compiles a few functions with torch.jit when imported, and TorchScript is a format
+# asked for here: torch's deprecation notices for torch.jit are not news to users of this script.
+warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
 
 import torch
 from detectron2.data import DatasetCatalog, detection_utils
@@ -29,7 +34,7 @@ from detectron2.modeling import build_model
 
 import libra_d2  # noqa: F401  (registers the libra_d2 modules and the libra_shapes datasets)
 from libra_d2.checkpoint import LibraCheckpointer
-from libra_d2.checks import SetupError, check_weights, load_config
+from libra_d2.checks import SetupError, check_image, preflight
 from libra_d2.data import ensure_shapes_dataset, is_shapes_dataset
 from libra_d2.export import (
     ONNX_OPSET,
@@ -98,8 +103,7 @@ def default_sample_image(cfg):
 
 def read_sample(cfg, path):
     """The model input made from the image file ``path`` (see ``preprocess_image``)."""
-    if not os.path.isfile(path):
-        raise SetupError(f"image '{path}' does not exist")
+    check_image(path)
     try:
         image = detection_utils.read_image(path, format=cfg.INPUT.FORMAT)
     except Exception as e:  # PIL raises several types for unreadable or truncated files
@@ -141,21 +145,14 @@ def main(argv=None):
             raise SetupError(f"--atol must be >= 0, got {args.atol}")
         if args.format == "onnx":
             check_onnx_opset(args.opset)
-        if os.path.exists(args.output) and not os.path.isdir(args.output):
-            raise SetupError(f"--output '{args.output}' is a file, not a folder")
-        cfg = load_config(args.config_file, args.opts or [])
+        output_dir = ("--output", args.output)
+        cfg = preflight(args.config_file, args.opts or [], splits=(), output_dir=output_dir)
         cfg.freeze()
-        check_weights(cfg.MODEL.WEIGHTS)
-        if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-            raise SetupError(f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' but CUDA is not available")
         sample = args.sample_image or default_sample_image(cfg)
         image = read_sample(cfg, sample)
         model = build_model(cfg)
-        os.makedirs(args.output, exist_ok=True)
-    except (SetupError, ExportError, ValueError) as e:  # ValueError: a module rejected its config
+    except (SetupError, ExportError) as e:
         parser.exit(2, f"export_model.py: error: {e}\n")
-    except OSError as e:  # --output cannot be created
-        parser.exit(2, f"export_model.py: error: --output '{args.output}': {e.strerror}\n")
 
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model")
@@ -191,9 +188,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # TorchScript tracing and the TorchScript-based ONNX exporter are the formats asked for: their
+    # The TorchScript-based ONNX exporter is a format asked for (torch.jit: see the imports): its
     # deprecation notices are not news here.
-    warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
     # Python-side checks in detectron2's inference code; the exported model is compared with
     # eager inference below, which is what tells whether the trace is right.

@@ -11,10 +11,16 @@ CPU, built-in dataset (2 processes, Gloo):
     ./train_net.py --num-gpus 2 --config-file configs/libra_shapes/libra_faster_rcnn_R_18_FPN.yaml
 """
 
+# ruff: noqa: E402  (the warnings filter comes before the imports it is for)
 import logging
 import os
 import sys
+import warnings
 import weakref
+
+# detectron2 compiles a few functions with torch.jit when imported; torch's deprecation notice
+# for that is addressed to detectron2, not to users of this script.
+warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
 
 import detectron2.utils.comm as comm
 from detectron2.data import MetadataCatalog
@@ -118,8 +124,10 @@ def invoke_main() -> None:
     print("Command Line Args:", args)
     setup_logger(name="libra_d2")  # progress of the pre-flight checks (e.g. dataset generation)
     try:
-        # One-line errors for bad keys, datasets and weights, before any worker process starts.
-        preflight(args.config_file, args.opts)
+        # One-line errors for set-up mistakes, before any worker process starts. Evaluation
+        # reads only the test sets.
+        splits = ("TEST",) if args.eval_only else ("TRAIN", "TEST")
+        preflight(args.config_file, args.opts, splits=splits, num_processes=args.num_gpus)
     except SetupError as e:
         sys.exit(f"train_net.py: error: {e}")
     launch(

@@ -12,18 +12,17 @@
   checkpoint that does not fill the model by name is refused with ``MMDetCheckpointError``.
 """
 
-import contextlib
 import io
-import os
 import pickle
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 
+from .files import atomic_open
 from .mmdet_checkpoint import convert_mmdet_state_dict, is_mmdet_checkpoint
 
-__all__ = ["LibraCheckpointer", "UnsafeCheckpointError", "safe_load_pickle", "atomic_open"]
+__all__ = ["LibraCheckpointer", "UnsafeCheckpointError", "safe_load_pickle"]
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -71,24 +70,6 @@ def safe_load_pickle(f):
         with PathManager.open(f, "rb") as fh:
             return _WeightsUnpickler(fh, encoding="latin1").load()
     return _WeightsUnpickler(f, encoding="latin1").load()
-
-
-@contextlib.contextmanager
-def atomic_open(path, mode="wb"):
-    """
-    Open ``path`` for writing through a temporary file that replaces ``path`` only once it has
-    been completely written and flushed to disk.
-    """
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class _AtomicWritePathManager:

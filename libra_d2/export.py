@@ -30,7 +30,7 @@ from detectron2.data import transforms as T
 from detectron2.export import TracingAdapter
 from detectron2.modeling import GeneralizedRCNN
 
-from .checkpoint import atomic_open
+from .files import atomic_open
 
 __all__ = [
     "ONNX_OPSET",

@@ -3,6 +3,7 @@
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,3 +96,46 @@ def trainer_at_start(monkeypatch):
 
     monkeypatch.setattr(train_net.Trainer, "train", recording_train)
     return seen
+
+
+def _run_concurrently(commands, env=None, cwd=None, timeout=300):
+    """
+    Run ``commands`` (argv lists) as concurrent subprocesses, as a user would from a shell (the
+    interpreter start, ~3-5 s for torch and detectron2, dominates each of them).
+
+    Returns:
+        list of ``(returncode, stdout, stderr)`` in the order of ``commands``.
+    """
+    procs = [
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
+        )
+        for cmd in commands
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append((proc.returncode, out, err))
+    return results
+
+
+def _one_line_error(result, prog):
+    """The single stderr line of a command that stopped on a set-up mistake: the exit status is
+    non-zero, stderr is exactly one ``<prog>: error: ...`` line and holds no traceback."""
+    returncode, _, err = result
+    lines = err.strip().splitlines()
+    assert returncode != 0 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def run_concurrently():
+    """:func:`_run_concurrently`, for tests."""
+    return _run_concurrently
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    """:func:`_one_line_error`, for tests."""
+    return _one_line_error

@@ -7,16 +7,19 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from detectron2.utils.file_io import PathManager
 from torch import nn
 
 import train_net
-from libra_d2.checkpoint import LibraCheckpointer, UnsafeCheckpointError, atomic_open
-from libra_d2.checks import SetupError, check_weights
+from libra_d2.checkpoint import LibraCheckpointer, UnsafeCheckpointError
+from libra_d2.checks import SetupError, check_weights, weights_url
+from libra_d2.files import atomic_open
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRA_SHAPES = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
@@ -78,6 +81,28 @@ def test_detectron2_pkl_and_own_pth_still_load(tmp_path):
     assert extra["iteration"] == 9
     torch.testing.assert_close(model[0].weight, ref[0].weight)
     check_weights(str(tmp_path / "model_0000009.pth"))
+
+
+def test_cached_weights_urls_are_checked_without_a_network(tmp_path, monkeypatch):
+    """detectron2:// and http(s) weights in detectron2's download cache (FVCORE_CACHE) are checked
+    as local files, where detectron2 itself finds them, and no request is made."""
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    url = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+    assert weights_url(url) == "https://dl.fbaipublicfiles.com/detectron2/" + url[13:]
+    cached = tmp_path / "detectron2" / "ImageNetPretrained" / "MSRA" / "R-50.pkl"
+    cached.parent.mkdir(parents=True)
+    with open(cached, "wb") as f:
+        pickle.dump({"conv_w": np.ones((4, 3, 3, 3), dtype=np.float32)}, f, protocol=2)
+    check_weights(url)
+    assert PathManager.get_local_path(url) == str(cached)  # detectron2's own resolution
+    cached.write_bytes(b"\x80\x02truncated")
+    with pytest.raises(SetupError, match=r"cached as '.*R-50\.pkl'\) is not a readable"):
+        check_weights(url)
 
 
 def test_atomic_open_leaves_the_old_file_when_the_write_fails(tmp_path):

@@ -337,4 +337,4 @@ def test_export_model_output_is_a_file(tmp_path, capsys):
     output.write_text("")
     with pytest.raises(SystemExit):
         export_model.main(["--config-file", CONFIG, "--output", str(output)])
-    assert "is a file, not a folder" in capsys.readouterr().err
+    assert f"--output '{output}' cannot be created or written to" in capsys.readouterr().err

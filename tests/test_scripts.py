@@ -1,18 +1,27 @@
 """The user-facing scripts: benchmarks/bench_sampler.py, benchmarks/plot_sampling.py,
 benchmarks/plot_curves.py and demo.py — argument handling and tiny runs that write their files
-(benchmarks/bench_libra.py: tests/test_bench_libra.py)."""
+(benchmarks/bench_libra.py: tests/test_bench_libra.py); the one-line set-up errors of demo.py,
+export_model.py, dump_proposals.py and convert_mmdet_checkpoint.py and the official-weights URL
+served from detectron2's download cache without a network."""
 
 import importlib.util
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from detectron2.modeling import build_model
+
+from libra_d2.checks import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_LIBRA = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
+SHAPES_FASTER = str(ROOT / "configs" / "libra_shapes" / "faster_rcnn_R_18_FPN.yaml")
+UNREACHABLE = "https://weights.invalid/libra.pth"  # the .invalid domain never resolves
 
 
 def _load(relpath):
@@ -145,23 +154,72 @@ def test_plot_sampling_random_init(plot_sampling, tiny_val, tmp_path, caplog, ca
     assert "% hard (IoU > 0.05)" in capsys.readouterr().out
 
 
-def test_demo_writes_images_and_skips_missing(demo, shapes_dataset, tmp_path, caplog):
+def test_demo_writes_images(demo, shapes_dataset, tmp_path, caplog):
     _, image_root = shapes_dataset["val"]
     images = sorted(Path(image_root).glob("*.png"))[:2]
-    missing = tmp_path / "missing.png"
     out = tmp_path / "out"
     argv = [
         "--config-file", SHAPES_LIBRA, "--output", str(out), "--confidence-threshold", "0.0",
-        "--input", str(images[0]), str(missing), str(images[1]),
-        "--opts", "MODEL.DEVICE", "cpu",
+        "--input", str(images[0]), str(images[1]), "--opts", "MODEL.DEVICE", "cpu",
     ]  # fmt: skip
     with caplog.at_level(logging.WARNING):
         assert demo.main(argv) == 0
-    assert f"{missing}: no such file" in caplog.text
+    assert "randomly initialised" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == sorted(p.stem + ".png" for p in images)
 
-    argv = ["--config-file", SHAPES_LIBRA, "--output", str(out), "--input", str(missing)]
-    assert demo.main(argv) == 1
+
+def test_scripts_report_setup_mistakes_in_one_line_and_use_cached_weights_offline(
+    shapes_dataset, tmp_path, run_concurrently, one_line_error
+):
+    """Through the real commands, concurrently: each mistake gives a non-zero exit status, one
+    stderr line without traceback that names the value and the fix. An unreachable weights URL
+    (the .invalid domain never resolves) whose file is in detectron2's download cache loads from
+    there, without a network."""
+    _, image_root = shapes_dataset["val"]
+    image = str(sorted(Path(image_root).glob("*.png"))[0])
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "text.jpg").write_text("not an image")
+    cache = tmp_path / "cache"  # detectron2's download cache, with one file in it
+    cached_url, cached = "https://weights.invalid/zoo/libra.pth", cache / "zoo" / "libra.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save({"model": build_model(load_config(SHAPES_LIBRA)).state_dict()}, cached)
+    py = sys.executable
+    demo = [py, str(ROOT / "demo.py"), "--config-file", SHAPES_LIBRA, "--output", str(tmp_path)]
+    cases = {
+        "demo_url": [*demo, "--input", image, "--opts", "MODEL.WEIGHTS", UNREACHABLE],
+        "demo_missing": [*demo, "--input", str(tmp_path / "photo.jpg")],
+        "demo_not_image": [*demo, "--input", str(tmp_path / "text.jpg")],
+        "demo_output": [*demo[:-1], str(tmp_path / "a_file"), "--input", image],
+        "export_url": [py, str(ROOT / "export_model.py"), "--config-file", SHAPES_LIBRA,
+                       "--output", str(tmp_path / "export"), "MODEL.WEIGHTS", UNREACHABLE],
+        "dump_url": [py, str(ROOT / "dump_proposals.py"), "--config-file", SHAPES_FASTER,
+                     "--dataset", "libra_shapes_val", "--output", str(tmp_path / "p.pkl"),
+                     "MODEL.WEIGHTS", UNREACHABLE],
+        "convert_url": [py, str(ROOT / "convert_mmdet_checkpoint.py"), UNREACHABLE,
+                        str(tmp_path / "model.pth")],
+    }  # fmt: skip
+    offline = [*demo[:-1], str(tmp_path / "drawn"), "--input", image,
+               "--opts", "MODEL.WEIGHTS", cached_url]  # fmt: skip
+    env = {**os.environ, "FVCORE_CACHE": str(cache)}
+    results = run_concurrently([*cases.values(), offline], env=env, cwd=tmp_path)
+    line = {
+        name: one_line_error(result, Path(cmd[1]).name)
+        for (name, cmd), result in zip(cases.items(), results)
+    }
+    for name in ("demo_url", "export_url", "dump_url"):
+        assert f"MODEL.WEIGHTS '{UNREACHABLE}' cannot be downloaded (" in line[name]
+        assert "give the local file as MODEL.WEIGHTS" in line[name]
+        assert f"put it at '{cache / 'libra.pth'}'" in line[name]
+    assert f"IN '{UNREACHABLE}' cannot be downloaded (" in line["convert_url"]
+    assert f"image '{tmp_path / 'photo.jpg'}' does not exist" in line["demo_missing"]
+    assert "text.jpg' is not a readable image file" in line["demo_not_image"]
+    assert f"--output '{tmp_path / 'a_file'}' cannot be created" in line["demo_output"]
+
+    returncode, _, err = results[-1]
+    assert returncode == 0, err
+    assert f"URL {cached_url} cached in {cached}" in err  # iopath's log line
+    assert "randomly initialised" not in err
+    assert (tmp_path / "drawn" / (Path(image).stem + ".png")).is_file()
 
 
 def _write_metrics(path, num_iters, with_eval, scale):

@@ -3,7 +3,6 @@ trip, --resume, and one-line errors for bad input."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,10 +10,12 @@ import pytest
 import torch
 
 import train_net
-from libra_d2.checks import SetupError, check_coco_json, preflight
+from libra_d2.checks import SetupError, check_coco_json, check_device, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRA_SHAPES = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
+MMDET_R50 = str(ROOT / "configs" / "COCO-Detection" / "libra_faster_rcnn_R_50_FPN_1x_mmdet.yaml")
+UNREACHABLE = "https://weights.invalid/libra.pth"  # the .invalid domain never resolves
 
 
 def _args(*argv):
@@ -126,17 +127,78 @@ def test_invalid_libra_value_fails_before_training():
         preflight(LIBRA_SHAPES, ["MODEL.ROI_HEADS.IOU_BALANCED.NUM_BINS", "0"])
 
 
-def test_cli_prints_one_line_error_without_traceback(tmp_path):
-    env = {**os.environ, "DETECTRON2_DATASETS": os.environ["DETECTRON2_DATASETS"]}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_net.py"), "--config-file", LIBRA_SHAPES,
-         "MODEL.WEIGHTS", str(tmp_path / "missing.pth")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("train_net.py: error: MODEL.WEIGHTS") and "missing.pth" in last
+def test_setup_mistakes_are_one_line_errors(tmp_path, run_concurrently, one_line_error):
+    """Through the real command: exit status non-zero, one stderr line, no traceback, the value
+    and the fix named, before any worker starts. The official-weights first run, as users do it:
+    evaluation with only a test set present and the weights URL unreachable (the .invalid domain
+    never resolves)."""
+    (tmp_path / "a_file").write_text("")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "FVCORE_CACHE": str(cache)}
+    train_net_py = [sys.executable, str(ROOT / "train_net.py")]
+    eval_val = [
+        *train_net_py,
+        "--eval-only",
+        "--config-file",
+        MMDET_R50,
+        "DATASETS.TEST",
+        "('libra_shapes_val',)",
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
+    ]
+    cases = {
+        "url": [*eval_val, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", UNREACHABLE],
+        "typo": [*train_net_py, "--config-file", LIBRA_SHAPES.replace("FPN", "FPM")],
+        "dataset": [*eval_val, "DATASETS.TEST", "('my_val',)", "MODEL.DEVICE", "cpu"],
+        "no_test": [*eval_val, "DATASETS.TEST", "()", "MODEL.DEVICE", "cpu"],
+        "weights": [*train_net_py, "--config-file", LIBRA_SHAPES,
+                    "MODEL.WEIGHTS", str(tmp_path / "missing.pth")],
+        "output": [*train_net_py, "--config-file", LIBRA_SHAPES,
+                   "OUTPUT_DIR", str(tmp_path / "a_file" / "out")],
+        "device": [*train_net_py, "--config-file", LIBRA_SHAPES, "MODEL.DEVICE", "gpu"],
+    }  # fmt: skip
+    if not torch.cuda.is_available():
+        cases["cuda"] = eval_val  # the COCO configs keep detectron2's MODEL.DEVICE cuda
+    results = run_concurrently(list(cases.values()), env=env, cwd=tmp_path)
+    line = dict(zip(cases, (one_line_error(r, "train_net.py") for r in results)))
+
+    # Evaluation reads only DATASETS.TEST: the missing COCO train set is not the error.
+    assert "coco_2017_train" not in line["url"]
+    assert f"MODEL.WEIGHTS '{UNREACHABLE}' cannot be downloaded (" in line["url"]
+    assert "give the local file as MODEL.WEIGHTS" in line["url"]
+    assert f"put it at '{cache / 'libra.pth'}' (detectron2's download cache" in line["url"]
+    assert line["typo"].endswith("libra_faster_rcnn_R_18_FPM.yaml' does not exist")
+    assert "dataset 'my_val' is not registered" in line["dataset"]
+    assert "DATASETS.TEST is empty" in line["no_test"]
+    assert "MODEL.WEIGHTS" in line["weights"] and "missing.pth' does not exist" in line["weights"]
+    assert f"OUTPUT_DIR '{tmp_path / 'a_file' / 'out'}' cannot be created" in line["output"]
+    assert "MODEL.DEVICE 'gpu' is not a torch device; use cpu or cuda" in line["device"]
+    if "cuda" in line:
+        assert "MODEL.DEVICE is 'cuda' but this machine has no CUDA GPU" in line["cuda"]
+        assert line["cuda"].endswith("with MODEL.DEVICE cpu")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_num_gpus_beyond_the_gpus_present(monkeypatch):
+    """With CUDA, each worker takes one GPU; without, --num-gpus N on cpu runs N Gloo processes
+    (tests/test_distributed.py)."""
+    check_device("cpu", num_processes=4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda", num_processes=2)
+    with pytest.raises(SetupError, match=r"--num-gpus 4 but this machine has 2 CUDA GPU\(s\); "):
+        check_device("cuda", num_processes=4)
+    with pytest.raises(SetupError, match=r"MODEL.DEVICE is 'cuda:2' .* use cuda:0 to cuda:1"):
+        check_device("cuda:2")
+
+
+def test_eval_only_checks_only_the_test_sets():
+    """The COCO configs name coco_2017_train; evaluating on a present test set does not need it
+    (training does)."""
+    opts = ["DATASETS.TEST", "('libra_shapes_val',)", "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""]
+    preflight(MMDET_R50, opts, splits=("TEST",))
+    with pytest.raises(SetupError, match="dataset 'coco_2017_train'"):
+        preflight(MMDET_R50, opts)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_every_n_seconds
 
-from ..checkpoint import atomic_open
+from ..files import atomic_open
 
 __all__ = [
     "generate_proposals",
@@ -163,10 +163,10 @@ def check_proposal_file(path, dataset_name):
     return len(dataset_dicts)
 
 
-def check_proposal_files(cfg):
+def check_proposal_files(cfg, splits=("TRAIN", "TEST")):
     """
-    When ``cfg.MODEL.LOAD_PROPOSALS`` is on, check that ``DATASETS.PROPOSAL_FILES_TRAIN`` /
-    ``_TEST`` give one file per dataset of ``DATASETS.TRAIN`` / ``TEST`` and that every file
+    When ``cfg.MODEL.LOAD_PROPOSALS`` is on, check that ``DATASETS.PROPOSAL_FILES_<split>``
+    gives one file per dataset of ``DATASETS.<split>`` for each of ``splits`` and that every file
     covers its dataset (:func:`check_proposal_file`). Does nothing otherwise.
 
     Raises:
@@ -174,7 +174,7 @@ def check_proposal_files(cfg):
     """
     if not cfg.MODEL.LOAD_PROPOSALS:
         return
-    for split in ("TRAIN", "TEST"):
+    for split in splits:
         names = list(cfg.DATASETS[split])
         files = list(cfg.DATASETS[f"PROPOSAL_FILES_{split}"])
         if len(files) != len(names):
