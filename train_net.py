@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """
-Libra R-CNN training script, in detectron2's project idiom.
+Libra R-CNN training script, in detectron2's project idiom, for YAML and LazyConfig (``.py``)
+config files alike.
 
 Train (8 GPUs, COCO):
     ./train_net.py --num-gpus 8 \
@@ -9,6 +10,8 @@ Evaluate a checkpoint:
     ./train_net.py --eval-only --config-file <config> MODEL.WEIGHTS /path/to/model_final.pth
 CPU, built-in dataset (2 processes, Gloo):
     ./train_net.py --num-gpus 2 --config-file configs/libra_shapes/libra_faster_rcnn_R_18_FPN.yaml
+LazyConfig, with overrides as in detectron2's tools/lazyconfig_train_net.py:
+    ./train_net.py --config-file configs/libra_shapes/libra_faster_rcnn_R_18_FPN.py train.max_iter=9
 """
 
 # ruff: noqa: E402  (the warnings filter comes before the imports it is for)
@@ -21,8 +24,11 @@ import weakref
 # detectron2 compiles a few functions with torch.jit when imported; torch's deprecation notice
 # for that is addressed to detectron2, not to users of this script.
 warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+# Likewise detectron2's model_zoo (LazyConfig files) imports the deprecated pkg_resources.
+warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
 
 import detectron2.utils.comm as comm
+from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.engine import (
     AMPTrainer,
@@ -32,19 +38,30 @@ from detectron2.engine import (
     create_ddp_model,
     default_argument_parser,
     default_setup,
+    default_writers,
+    hooks,
     launch,
 )
 from detectron2.evaluation import (
     COCOEvaluator,
     LVISEvaluator,
     PascalVOCDetectionEvaluator,
+    inference_on_dataset,
+    print_csv_format,
     verify_results,
 )
 from detectron2.utils.logger import setup_logger
 
 import libra_d2  # noqa: F401  (importing libra_d2 registers its modules and datasets)
 from libra_d2.checkpoint import LibraCheckpointer
-from libra_d2.checks import SetupError, load_config, preflight
+from libra_d2.checks import (
+    SetupError,
+    is_lazy_config,
+    load_config,
+    load_lazy_config,
+    preflight,
+    preflight_lazy,
+)
 
 
 class Trainer(DefaultTrainer):
@@ -66,8 +83,7 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        ddp_kwargs = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
-        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        model = create_ddp_model(model, broadcast_buffers=False, **_ddp_device(cfg.MODEL.DEVICE))
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -94,6 +110,63 @@ class Trainer(DefaultTrainer):
         )
 
 
+def _ddp_device(device):
+    """``create_ddp_model`` keyword arguments for a model on ``device`` (no device_ids on CPU)."""
+    return {"device_ids": None} if device == "cpu" else {}
+
+
+def lazy_test(cfg, model):
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def lazy_main(args, cfg):
+    """
+    Train or evaluate a LazyConfig (``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``,
+    ``train``; detectron2's ``configs/common/train.py``) as detectron2's
+    ``tools/lazyconfig_train_net.py`` does, with :class:`LibraCheckpointer`.
+    """
+    model = instantiate(cfg.model).to(cfg.train.device)
+    if args.eval_only:
+        LibraCheckpointer(model, cfg.train.output_dir).resume_or_load(
+            cfg.train.init_checkpoint, resume=args.resume
+        )
+        return lazy_test(cfg, model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    ddp = {**cfg.train.ddp, **_ddp_device(cfg.train.device)}
+    model = create_ddp_model(model, **ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(
+        model, instantiate(cfg.dataloader.train), optimizer
+    )
+    checkpointer = LibraCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    main_process = comm.is_main_process()
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if main_process
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: lazy_test(cfg, model)),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if main_process
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
 def setup(args):
     """Build the config (detectron2 defaults + libra_d2 keys + file + overrides), set up logging."""
     cfg = load_config(args.config_file, args.opts)  # get_cfg(), add_libra_config(cfg), merges
@@ -103,6 +176,10 @@ def setup(args):
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        cfg = load_lazy_config(args.config_file, args.opts)
+        default_setup(cfg, args)
+        return lazy_main(args, cfg)
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -126,8 +203,13 @@ def invoke_main() -> None:
     try:
         # One-line errors for set-up mistakes, before any worker process starts. Evaluation
         # reads only the test sets.
-        splits = ("TEST",) if args.eval_only else ("TRAIN", "TEST")
-        preflight(args.config_file, args.opts, splits=splits, num_processes=args.num_gpus)
+        if is_lazy_config(args.config_file):
+            preflight_lazy(
+                args.config_file, args.opts, eval_only=args.eval_only, num_processes=args.num_gpus
+            )
+        else:
+            splits = ("TEST",) if args.eval_only else ("TRAIN", "TEST")
+            preflight(args.config_file, args.opts, splits=splits, num_processes=args.num_gpus)
     except SetupError as e:
         sys.exit(f"train_net.py: error: {e}")
     launch(

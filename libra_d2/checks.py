@@ -20,11 +20,12 @@ import zipfile
 from urllib.parse import urlparse
 
 import torch
-from detectron2.config import get_cfg
+from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import Detectron2Handler
 from iopath.common.file_io import get_cache_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 from .config import add_libra_config
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 _IMAGE_SAMPLE = 20
 # What a legacy (non-zip) torch.save file starts with: its magic number, pickled (protocol 2).
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+# What OmegaConf.select returns for a key that does not exist.
+_MISSING = object()
 # Seconds to wait for a weights server to answer before calling it unreachable.
 _URL_TIMEOUT_S = 20
 
@@ -66,6 +69,41 @@ def load_config(config_file, opts=()):
     except (KeyError, AssertionError, ValueError) as e:
         raise SetupError(f"command-line override {list(opts)}: {e.args[0] if e.args else e}")
     return cfg
+
+
+def is_lazy_config(config_file):
+    """Whether ``config_file`` is a LazyConfig (Python) file rather than a YAML one."""
+    return config_file.endswith(".py")
+
+
+def load_lazy_config(config_file, opts=()):
+    """
+    Load a LazyConfig file and apply ``key=value`` overrides (detectron2's syntax; ``+key=value``
+    adds a key, any other key must exist).
+
+    Raises:
+        SetupError: the file is missing or fails to load, or an override is malformed or names a
+            key that does not exist.
+    """
+    if not os.path.isfile(config_file):
+        raise SetupError(f"config file '{config_file}' does not exist")
+    try:
+        cfg = LazyConfig.load(config_file)
+    except Exception as e:  # a Python file: anything can go wrong in it
+        raise SetupError(f"config file '{config_file}' fails to load ({type(e).__name__}: {e})")
+    for override in opts:
+        key = override.split("=", 1)[0]
+        if "=" not in override:
+            raise SetupError(f"command-line override '{override}' is not of the form key=value")
+        if not key.startswith("+") and OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise SetupError(
+                f"command-line override '{override}': {config_file} has no key '{key}' "
+                f"(write '+{key}=...' to add one)"
+            )
+    try:
+        return LazyConfig.apply_overrides(cfg, list(opts))
+    except Exception as e:
+        raise SetupError(f"command-line overrides {list(opts)}: {type(e).__name__}: {e}") from None
 
 
 def check_datasets(names):
@@ -251,10 +289,11 @@ def check_model(cfg):
         raise SetupError(str(e)) from None
 
 
-def check_device(device, num_processes=1):
+def check_device(device, num_processes=1, what="MODEL.DEVICE"):
     """
-    Check that ``MODEL.DEVICE`` names a device of this machine and, where CUDA is available (the
-    workers then use NCCL, one GPU each), that it has ``num_processes`` (``--num-gpus``) GPUs.
+    Check that ``device`` (the value of the option ``what``) names a device of this machine and,
+    where CUDA is available (the workers then use NCCL, one GPU each), that it has
+    ``num_processes`` (``--num-gpus``) GPUs.
     Without CUDA, several processes on ``cpu`` are fine (Gloo).
 
     Raises:
@@ -263,26 +302,24 @@ def check_device(device, num_processes=1):
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise SetupError(
-            f"MODEL.DEVICE '{device}' is not a torch device; use cpu or cuda"
-        ) from None
+        raise SetupError(f"{what} '{device}' is not a torch device; use cpu or cuda") from None
     gpus = torch.cuda.device_count()
     if dev.type == "cuda" and gpus == 0:
         raise SetupError(
-            f"MODEL.DEVICE is '{device}' but this machine has no CUDA GPU "
-            "(torch.cuda.is_available() is False); run on the CPU with MODEL.DEVICE cpu"
+            f"{what} is '{device}' but this machine has no CUDA GPU "
+            f"(torch.cuda.is_available() is False); run on the CPU with {what} cpu"
         )
     if dev.type == "cuda" and dev.index is not None and dev.index >= gpus:
         raise SetupError(
-            f"MODEL.DEVICE is '{device}' but this machine has {gpus} CUDA GPU(s); "
+            f"{what} is '{device}' but this machine has {gpus} CUDA GPU(s); "
             f"use cuda:0 to cuda:{gpus - 1}"
         )
     if dev.type not in ("cpu", "cuda", "meta"):
         backend = getattr(torch, dev.type, None)
         if not getattr(backend, "is_available", lambda: False)():
             raise SetupError(
-                f"MODEL.DEVICE is '{device}' but torch has no available '{dev.type}' device "
-                "here; use MODEL.DEVICE cpu or cuda"
+                f"{what} is '{device}' but torch has no available '{dev.type}' device "
+                f"here; use {what} cpu or cuda"
             )
     if torch.cuda.is_available() and num_processes > gpus:
         raise SetupError(
@@ -373,4 +410,38 @@ def preflight(
     check_proposals(cfg, splits)
     check_weights(cfg.MODEL.WEIGHTS)
     check_model(cfg)
+    return cfg
+
+
+def preflight_lazy(config_file, opts=(), *, eval_only=False, num_processes=1):
+    """
+    :func:`preflight` for a LazyConfig file of ``train_net.py`` (``model``, ``dataloader``,
+    ``train``, and to train ``optimizer`` and ``lr_multiplier``): the file and overrides,
+    ``train.device``, ``train.output_dir``, the datasets of ``dataloader.test`` (and
+    ``dataloader.train`` unless ``eval_only``), ``train.init_checkpoint`` and the model's own
+    config checks (built on the meta device). Returns the config.
+
+    Raises:
+        SetupError: the first problem found, in one line.
+    """
+    cfg = load_lazy_config(config_file, opts)
+    splits = ("test",) if eval_only else ("train", "test")
+    needed = ["model", "train", *(f"dataloader.{s}" for s in splits)]
+    needed += ["dataloader.evaluator"] if eval_only else ["optimizer", "lr_multiplier"]
+    for key in needed:
+        if OmegaConf.select(cfg, key, default=None) is None:
+            raise SetupError(
+                f"{config_file} has no '{key}', which train_net.py needs "
+                "(see detectron2's configs/common/train.py and configs/COCO-Detection/*.py)"
+            )
+    check_device(cfg.train.device, num_processes, "train.device")
+    check_output_dir(cfg.train.output_dir, "train.output_dir")
+    names = [OmegaConf.select(cfg, f"dataloader.{s}.dataset.names") for s in splits]
+    check_datasets([n for group in names for n in ([group] if isinstance(group, str) else group)])
+    check_weights(cfg.train.init_checkpoint, "train.init_checkpoint")
+    try:
+        with torch.device("meta"):
+            instantiate(cfg.model)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
     return cfg

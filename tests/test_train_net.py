@@ -14,6 +14,7 @@ from libra_d2.checks import SetupError, check_coco_json, check_device, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRA_SHAPES = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
+LAZY_SHAPES = LIBRA_SHAPES.replace(".yaml", ".py")
 MMDET_R50 = str(ROOT / "configs" / "COCO-Detection" / "libra_faster_rcnn_R_50_FPN_1x_mmdet.yaml")
 UNREACHABLE = "https://weights.invalid/libra.pth"  # the .invalid domain never resolves
 
@@ -156,6 +157,8 @@ def test_setup_mistakes_are_one_line_errors(tmp_path, run_concurrently, one_line
         "output": [*train_net_py, "--config-file", LIBRA_SHAPES,
                    "OUTPUT_DIR", str(tmp_path / "a_file" / "out")],
         "device": [*train_net_py, "--config-file", LIBRA_SHAPES, "MODEL.DEVICE", "gpu"],
+        "lazy_key": [*train_net_py, "--config-file", LAZY_SHAPES, "train.max_itr=3"],
+        "lazy_typo": [*train_net_py, "--config-file", LAZY_SHAPES.replace("FPN", "FPM")],
     }  # fmt: skip
     if not torch.cuda.is_available():
         cases["cuda"] = eval_val  # the COCO configs keep detectron2's MODEL.DEVICE cuda
@@ -173,6 +176,10 @@ def test_setup_mistakes_are_one_line_errors(tmp_path, run_concurrently, one_line
     assert "MODEL.WEIGHTS" in line["weights"] and "missing.pth' does not exist" in line["weights"]
     assert f"OUTPUT_DIR '{tmp_path / 'a_file' / 'out'}' cannot be created" in line["output"]
     assert "MODEL.DEVICE 'gpu' is not a torch device; use cpu or cuda" in line["device"]
+    assert (
+        f"override 'train.max_itr=3': {LAZY_SHAPES} has no key 'train.max_itr'" in line["lazy_key"]
+    )
+    assert line["lazy_typo"].endswith("libra_faster_rcnn_R_18_FPM.py' does not exist")
     if "cuda" in line:
         assert "MODEL.DEVICE is 'cuda' but this machine has no CUDA GPU" in line["cuda"]
         assert line["cuda"].endswith("with MODEL.DEVICE cpu")
