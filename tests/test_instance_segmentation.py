@@ -291,3 +291,31 @@ def test_voc_split_evaluates_boxes(voc_val, tmp_path):
     results = _evaluate(cfg, voc_val, tmp_path)
     assert results["bbox"]["AP50"] == pytest.approx(100.0)
     assert _evaluate(cfg, voc_val, tmp_path, shift=4.0)["bbox"]["AP"] < 90
+
+
+# ------------------------------------------------------------------------------ export_model.py
+def test_export_compares_mask_probabilities():
+    import export_model
+
+    expected = Instances((32, 32))
+    expected.pred_boxes = Boxes(torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 20.0, 20.0]]))
+    expected.scores = torch.tensor([0.9, 0.8])
+    expected.pred_classes = torch.tensor([1, 2])
+    expected.pred_masks = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    actual = Instances((32, 32), **{k: v.clone() for k, v in expected.get_fields().items()})
+    assert export_model.max_mask_difference(expected, actual) == 0.0
+    actual.pred_masks[1, 0, 3, 4] += 0.25
+    assert export_model.max_mask_difference(expected, actual) == pytest.approx(0.25)
+    expected.remove("pred_masks")
+    assert export_model.max_mask_difference(expected, actual) == 0.0
+
+
+def test_export_model_exports_libra_mask_rcnn(tmp_path, shapes_dataset, caplog):
+    """TorchScript export of Libra Mask R-CNN (random weights): masks compared with eager."""
+    import export_model
+
+    config = str(CONFIGS / "libra_shapes" / "libra_mask_rcnn_R_18_FPN.yaml")
+    argv = ["--config-file", config, "--format", "torchscript", "--output", str(tmp_path)]
+    with caplog.at_level("INFO", logger="libra_d2.export_model"):
+        assert export_model.main([*argv, "MODEL.DEVICE", "cpu"]) == 0
+    assert "max |mask probabilities diff| = 0" in caplog.text
