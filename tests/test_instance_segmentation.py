@@ -189,6 +189,19 @@ def _evaluate(cfg, dataset_name, tmp_path, shift=0.0):
     return evaluator.evaluate()
 
 
+@pytest.mark.parametrize("mask_on", [True, False], ids=["mask", "box"])
+def test_coco_split_evaluates_boxes_and_masks(tiny_val, mask_on, tmp_path):
+    """Through build_evaluator (COCOEvaluator): the ground truth as predictions scores AP 100 for
+    boxes and, with MODEL.MASK_ON (only then), masks; boxes shifted by 4 px score less."""
+    cfg = add_libra_config(get_cfg())
+    cfg.MODEL.MASK_ON = mask_on
+    results = _evaluate(cfg, tiny_val, tmp_path)
+    assert set(results) == ({"bbox", "segm"} if mask_on else {"bbox"})
+    for task in results:
+        assert results[task]["AP"] == pytest.approx(100.0)
+    assert _evaluate(cfg, tiny_val, tmp_path, shift=4.0)["bbox"]["AP"] < 90
+
+
 @pytest.fixture(scope="module")
 def lvis_val(shapes_dataset, tmp_path_factory):
     """The first 12 images of libra_shapes_val in LVIS v1 format, registered as an LVIS dataset
