@@ -10,11 +10,13 @@ Export a libra_d2 (or detectron2) detector for deployment, as detectron2's
 
 The model is traced on one sample image (``--sample-image``; default: the first image of the
 config's first test dataset), resized like ``DefaultPredictor`` does. The exported model takes a
-float32 ``(3, H, W)`` image and returns ``pred_boxes``, ``pred_classes``, ``scores`` and
-``image_size`` without the final resize to the original image size (see ``libra_d2/export.py``).
-The saved file is then loaded back (TorchScript: ``torch.jit.load``; ONNX: onnxruntime) and run
-on the sample image; exit status 0 only if it gives the same classes as eager inference and boxes
-and scores within ``--atol``; 1 if they differ or the check could not run (onnxruntime missing).
+float32 ``(3, H, W)`` image and returns ``pred_boxes``, ``pred_classes``, ``scores`` (mask models:
+also ``pred_masks``, each detection's 28x28 mask probabilities) and ``image_size`` without the
+final resize to the original image size (see ``libra_d2/export.py``). The saved file is then
+loaded back (TorchScript: ``torch.jit.load``; ONNX: onnxruntime) and run on the sample image; exit
+status 0 only if it gives the same classes as eager inference and boxes, scores and mask
+probabilities within ``--atol``; 1 if they differ or the check could not run (onnxruntime
+missing).
 """
 
 # ruff: noqa: E402  (the warnings filter comes before the imports it is for)
@@ -135,6 +137,14 @@ def max_differences(expected, actual):
     return boxes.item(), scores.item()
 
 
+def max_mask_difference(expected, actual):
+    """Max |difference| of the mask probabilities of detections with the same classes (see
+    :func:`max_differences`); 0 for models without masks or without detections."""
+    if not expected.has("pred_masks") or len(expected) == 0:
+        return 0.0
+    return (expected.pred_masks.cpu() - actual.pred_masks.cpu()).abs().max().item()
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -177,11 +187,13 @@ def main(argv=None):
         logger.error(f"{path} was not compared with eager inference: install onnxruntime")
         return 1
     boxes, scores = max_differences(expected, actual)
+    masks = max_mask_difference(expected, actual) if boxes < float("inf") else float("inf")
     logger.info(
         f"{path} vs eager on {sample}: {len(actual)} vs {len(expected)} detections, "
         f"max |boxes diff| = {boxes:.3g}, max |scores diff| = {scores:.3g}"
+        + (f", max |mask probabilities diff| = {masks:.3g}" if expected.has("pred_masks") else "")
     )
-    if not (boxes <= args.atol and scores <= args.atol):
+    if not (boxes <= args.atol and scores <= args.atol and masks <= args.atol):
         logger.error(f"the exported model differs from eager inference by more than {args.atol}")
         return 1
     return 0

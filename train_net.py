@@ -95,14 +95,18 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """The detection evaluator of the dataset's ``evaluator_type``: coco, lvis or pascal_voc."""
+        """
+        The detection evaluator of the dataset's ``evaluator_type``: coco, lvis (box AP, and mask
+        AP for ``MODEL.MASK_ON`` models) or pascal_voc (box AP).
+        """
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         if evaluator_type == "coco":
-            return COCOEvaluator(dataset_name, output_dir=output_folder)
+            return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
         if evaluator_type == "lvis":
-            return LVISEvaluator(dataset_name, output_dir=output_folder)
+            return LVISEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
         if evaluator_type == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
         raise NotImplementedError(

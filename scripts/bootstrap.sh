@@ -49,6 +49,9 @@ pip_install "${C[@]}" "Pillow>=7.1" matplotlib "pycocotools>=2.0.2" "termcolor>=
 # install the three with --no-deps, and their pure-Python requirements explicitly.
 pip_install "${C[@]}" addict pyyaml rich yapf scipy shapely six terminaltables
 pip_install "${C[@]}" --no-deps mmengine mmcv-lite mmdet
+# lvis, for detectron2's LVISEvaluator: its metadata asks for opencv-python and Cython too, but it
+# runs on numpy, matplotlib, pycocotools and cv2 (all installed above): --no-deps.
+pip_install "${C[@]}" --no-deps lvis
 
 if ! "$VENV/bin/python" -c "import detectron2" 2>/dev/null; then
   path=""

@@ -1,20 +1,32 @@
 """Every YAML under configs/ loads with add_libra_config and builds its model; the COCO configs
-match detectron2's model zoo 1x schedule; the shapes configs run a training step."""
+match detectron2's model zoo 1x schedule and the restated baselines detectron2's own YAMLs; each
+Libra instance-segmentation / cascade config adds to its baseline what Libra Faster R-CNN adds to
+Faster R-CNN; the shapes configs run a training step."""
 
 from pathlib import Path
 
 import pytest
 import torch
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
 from detectron2.modeling import RetinaNet, build_model
-from detectron2.structures import Boxes, Instances
+from detectron2.modeling.roi_heads import CascadeROIHeads
+from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from libra_d2.checks import load_config
-from libra_d2.modeling import BalancedFPN, IoUBalancedROIHeads, LibraRetinaNet
+from libra_d2.config import add_libra_config
+from libra_d2.modeling import (
+    BalancedFPN,
+    BalancedL1FastRCNNOutputLayers,
+    IoUBalancedROIHeads,
+    LibraRetinaNet,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ALL_CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if not p.name.startswith("Base-"))
-COCO_CONFIGS = [p for p in ALL_CONFIGS if p.parent.name == "COCO-Detection"]
+COCO_DIRS = ("COCO-Detection", "COCO-InstanceSegmentation", "Misc")
+COCO_CONFIGS = [p for p in ALL_CONFIGS if p.parent.name in COCO_DIRS]
 SHAPES_CONFIGS = [p for p in ALL_CONFIGS if p.parent.name == "libra_shapes"]
 
 
@@ -36,14 +48,26 @@ def test_config_sets_are_complete():
         "retinanet_R_50_FPN_1x",
         "libra_retinanet_R_50_FPN_1x",
         "libra_fast_rcnn_R_50_FPN_1x",
+        "cascade_rcnn_R_50_FPN_1x",
+        "libra_cascade_rcnn_R_50_FPN_1x",
+        "mask_rcnn_R_50_FPN_1x",
+        "libra_mask_rcnn_R_50_FPN_1x",
+        "libra_mask_rcnn_R_101_FPN_1x",
+        "libra_mask_rcnn_X_101_64x4d_FPN_1x",
+        "cascade_mask_rcnn_R_50_FPN_1x",
+        "libra_cascade_mask_rcnn_R_50_FPN_1x",
     ):
         assert expected in names
+    lvis = {p.stem for p in ALL_CONFIGS if p.parent.name == "LVISv1-InstanceSegmentation"}
+    assert lvis == {"mask_rcnn_R_50_FPN_1x", "libra_mask_rcnn_R_50_FPN_1x"}
     shapes = {p.stem for p in SHAPES_CONFIGS}
     for suffix in ("", "_sampling_only", "_bfp_only", "_balanced_l1_only"):
         assert f"libra_faster_rcnn_R_18_FPN{suffix}" in shapes
     assert "faster_rcnn_R_18_FPN" in shapes
     for name in ("retinanet_R_18_FPN", "libra_retinanet_R_18_FPN", "libra_fast_rcnn_R_18_FPN"):
         assert name in shapes
+    for name in ("mask_rcnn_R_18_FPN", "cascade_mask_rcnn_R_18_FPN"):
+        assert {name, f"libra_{name}"} <= shapes
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -60,8 +84,14 @@ def test_every_config_builds_its_model(path):
         return
     # Fast R-CNN: precomputed proposals, no RPN.
     assert (model.proposal_generator is None) == ("fast_rcnn" in path.stem)
+    assert model.roi_heads.mask_on == ("mask_rcnn" in path.stem)
+    assert isinstance(model.roi_heads, CascadeROIHeads) == ("cascade" in path.stem)
     has_sampling = isinstance(model.roi_heads, IoUBalancedROIHeads)
     has_bl1 = cfg.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE == "balanced_l1"
+    if has_bl1:  # every stage's predictor computes it
+        bp = model.roi_heads.box_predictor
+        predictors = list(bp) if isinstance(bp, torch.nn.ModuleList) else [bp]
+        assert all(isinstance(p, BalancedL1FastRCNNOutputLayers) for p in predictors)
     if not libra:
         assert (has_bfp, has_sampling, has_bl1) == (False, False, False)
     elif only is None:
@@ -112,6 +142,63 @@ def test_libra_r50_config_has_the_official_settings():
     assert cfg.MODEL.RPN.BBOX_REG_LOSS_TYPE == "smooth_l1"
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml",
+        "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
+        "Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml",
+        "LVISv1-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
+    ],
+)
+def test_restated_baselines_equal_detectron2s_model_zoo_configs(name):
+    """The baselines are detectron2's own model zoo configs, key for key."""
+    theirs = add_libra_config(get_cfg())
+    theirs.merge_from_file(model_zoo.get_config_file(name))
+    assert load_config(str(CONFIG_DIR / name), []) == theirs
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _diff(cfg, base):
+    a, b = _flat(cfg), _flat(base)
+    return {k: a[k] for k in a if a[k] != b[k] and k != "OUTPUT_DIR"}
+
+
+_LIBRA_CONFIGS = [
+    "COCO-InstanceSegmentation/libra_mask_rcnn_R_50_FPN_1x",
+    "COCO-Detection/libra_cascade_rcnn_R_50_FPN_1x",
+    "Misc/libra_cascade_mask_rcnn_R_50_FPN_1x",
+    "LVISv1-InstanceSegmentation/libra_mask_rcnn_R_50_FPN_1x",
+    "libra_shapes/libra_mask_rcnn_R_18_FPN",
+    "libra_shapes/libra_cascade_mask_rcnn_R_18_FPN",
+]
+
+
+@pytest.mark.parametrize("libra", _LIBRA_CONFIGS)
+def test_libra_mask_and_cascade_configs_add_what_libra_faster_rcnn_adds(libra):
+    """Each Libra config differs from its baseline in exactly the keys (and values) in which Libra
+    Faster R-CNN differs from Faster R-CNN, the cascade taking the cascade's IoU-balanced heads."""
+    folder = "libra_shapes" if libra.startswith("libra_shapes") else "COCO-Detection"
+    suffix = "R_18_FPN" if folder == "libra_shapes" else "R_50_FPN_1x"
+    expected = _diff(
+        _cfg(CONFIG_DIR / folder / f"libra_faster_rcnn_{suffix}.yaml"),
+        _cfg(CONFIG_DIR / folder / f"faster_rcnn_{suffix}.yaml"),
+    )
+    if "cascade" in libra:
+        expected["MODEL.ROI_HEADS.NAME"] = "IoUBalancedCascadeROIHeads"
+    base = libra.replace("/libra_", "/")  # the baseline of the same folder
+    assert _diff(_cfg(CONFIG_DIR / f"{libra}.yaml"), _cfg(CONFIG_DIR / f"{base}.yaml")) == expected
+
+
 def _batch(n=2, size=96):
     g = torch.Generator().manual_seed(0)
     batch = []
@@ -120,6 +207,9 @@ def _batch(n=2, size=96):
         xy = torch.rand(3, 2, generator=g) * size * 0.6
         inst.gt_boxes = Boxes(torch.cat([xy, xy + 8 + torch.rand(3, 2, generator=g) * 30], 1))
         inst.gt_classes = torch.randint(0, 6, (3,), generator=g)
+        inst.gt_masks = PolygonMasks(  # the box outlines, for the mask configs
+            [[b[[0, 1, 2, 1, 2, 3, 0, 3]].numpy()] for b in inst.gt_boxes.tensor]
+        )
         image = torch.randint(0, 256, (3, size, size), generator=g).float()
         proposals = Instances((size, size))  # for the precomputed-proposal (Fast R-CNN) configs
         xy = torch.rand(20, 2, generator=g) * size * 0.6
@@ -146,8 +236,12 @@ def test_shapes_configs_train_one_step_and_infer(path):
     with EventStorage(0):
         losses = model(_batch())
     expected = {"loss_cls", "loss_box_reg"}
+    if "cascade" in path.stem:
+        expected = {f"{k}_stage{s}" for k in expected for s in range(3)}
     if "retinanet" not in path.stem and "fast_rcnn" not in path.stem:
         expected |= {"loss_rpn_cls", "loss_rpn_loc"}
+    if "mask" in path.stem:
+        expected.add("loss_mask")
     assert set(losses) == expected
     total = sum(losses.values())
     assert torch.isfinite(total)
@@ -156,6 +250,7 @@ def test_shapes_configs_train_one_step_and_infer(path):
     with torch.no_grad():
         out = model(_batch(1))
     assert out[0]["instances"].pred_boxes.tensor.shape[1] == 4
+    assert out[0]["instances"].has("pred_masks") == ("mask" in path.stem)
 
 
 _NAN, _INF = float("nan"), float("inf")

@@ -7,6 +7,7 @@ from .bfp import (
     build_resnet_bfp_backbone,
     build_retinanet_resnet_bfp_backbone,
 )
+from .cascade import IoUBalancedCascadeROIHeads, LibraCascadeROIHeads
 from .retinanet import LibraRetinaNet
 from .roi_heads import IoUBalancedROIHeads, LibraROIHeads
 from .rpn import LibraRPN
@@ -19,6 +20,8 @@ __all__ = [
     "BalancedFPN",
     "build_resnet_bfp_backbone",
     "build_retinanet_resnet_bfp_backbone",
+    "IoUBalancedCascadeROIHeads",
+    "LibraCascadeROIHeads",
     "LibraRetinaNet",
     "IoUBalancedROIHeads",
     "LibraROIHeads",
