@@ -18,6 +18,7 @@ from .config import add_libra_config
 from .modeling import (
     BalancedFPN,
     BalancedL1FastRCNNOutputLayers,
+    IoUBalancedCascadeROIHeads,
     IoUBalancedROIHeads,
     LibraRetinaNet,
     LibraRPN,
@@ -46,11 +47,12 @@ def _balanced_fpn(backbone, cfg):
 def libra_rcnn(model, cfg):
     """
     Turn a LazyConfig ``GeneralizedRCNN`` with an ``FPN`` backbone, an ``RPN`` and
-    ``StandardROIHeads`` (e.g. ``common/models/mask_rcnn_fpn.py``) into Libra R-CNN, in place:
-    the BFP after the FPN, :class:`IoUBalancedROIHeads` with
-    :class:`BalancedL1FastRCNNOutputLayers`, and :class:`LibraRPN` where ``cfg`` selects it
-    (``MODEL.PROPOSAL_GENERATOR.NAME``). Values come from ``cfg`` (see :func:`libra_yaml`).
-    Returns ``model``.
+    ``StandardROIHeads`` or ``CascadeROIHeads`` (e.g. ``common/models/mask_rcnn_fpn.py``,
+    ``cascade_rcnn.py``) into Libra R-CNN, in place: the BFP after the FPN,
+    :class:`IoUBalancedROIHeads` (:class:`IoUBalancedCascadeROIHeads`) with
+    :class:`BalancedL1FastRCNNOutputLayers` in every stage, and :class:`LibraRPN` where ``cfg``
+    selects it (``MODEL.PROPOSAL_GENERATOR.NAME``). Values come from ``cfg`` (see
+    :func:`libra_yaml`). Returns ``model``.
     """
     _balanced_fpn(model.backbone, cfg)
     if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "LibraRPN":
@@ -60,7 +62,8 @@ def libra_rcnn(model, cfg):
             loss_normalizer=cfg.MODEL.RPN.LOSS_NORMALIZER,
         )
     ib = cfg.MODEL.ROI_HEADS.IOU_BALANCED
-    model.roi_heads._target_ = IoUBalancedROIHeads
+    cascade = "box_predictors" in model.roi_heads
+    model.roi_heads._target_ = IoUBalancedCascadeROIHeads if cascade else IoUBalancedROIHeads
     model.roi_heads.update(
         num_bins=int(ib.NUM_BINS),
         floor_thr=float(ib.FLOOR_THR),
@@ -68,13 +71,11 @@ def libra_rcnn(model, cfg):
         instance_balanced_pos=bool(ib.INSTANCE_BALANCED_POS),
     )
     box_head = cfg.MODEL.ROI_BOX_HEAD
-    model.roi_heads.box_predictor._target_ = BalancedL1FastRCNNOutputLayers
-    model.roi_heads.box_predictor.update(
-        box_reg_loss_type=box_head.BBOX_REG_LOSS_TYPE,
-        balanced_l1_params=balanced_l1_params(
-            box_head.BALANCED_L1, "MODEL.ROI_BOX_HEAD.BALANCED_L1"
-        ),
-    )
+    params = balanced_l1_params(box_head.BALANCED_L1, "MODEL.ROI_BOX_HEAD.BALANCED_L1")
+    heads = model.roi_heads
+    for predictor in heads.box_predictors if cascade else [heads.box_predictor]:
+        predictor._target_ = BalancedL1FastRCNNOutputLayers
+        predictor.update(box_reg_loss_type=box_head.BBOX_REG_LOSS_TYPE, balanced_l1_params=params)
     return model
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from libra_d2.checks import load_config
@@ -28,6 +28,11 @@ TWINS = [
         "COCO-Detection/libra_retinanet_R_50_FPN_1x.py",
         "COCO-Detection/libra_retinanet_R_50_FPN_1x.yaml",
     ),
+    (
+        "COCO-InstanceSegmentation/libra_mask_rcnn_R_50_FPN_1x.py",
+        "COCO-InstanceSegmentation/libra_mask_rcnn_R_50_FPN_1x.yaml",
+    ),
+    ("common/models/libra_cascade_rcnn.py", "Misc/libra_cascade_mask_rcnn_R_50_FPN_1x.yaml"),
 ]
 
 
@@ -50,7 +55,9 @@ def test_every_lazy_config_loads_and_builds_a_libra_model(name):
         "num_sampled",
     )
     assert isinstance(model.roi_heads, IoUBalancedROIHeads)
-    assert model.roi_heads.box_predictor.box_reg_loss_type == "balanced_l1"
+    predictors = model.roi_heads.box_predictor  # a ModuleList of one per stage in a cascade
+    predictors = predictors if isinstance(predictors, torch.nn.ModuleList) else [predictors]
+    assert all(p.box_reg_loss_type == "balanced_l1" for p in predictors)
     if "common" not in name:  # a full config: what train_net.py needs
         assert {"dataloader", "optimizer", "lr_multiplier", "train"} <= set(cfg)
 
@@ -66,7 +73,11 @@ def test_lazy_and_yaml_configs_build_the_same_model(lazy, yaml):
         cfg.model.test_score_thresh = 0.0
         yaml_cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
     else:
-        cfg.model.roi_heads.box_predictor.test_score_thresh = 0.0
+        heads = cfg.model.roi_heads
+        for predictor in (
+            heads.box_predictors if "box_predictors" in heads else [heads.box_predictor]
+        ):
+            predictor.test_score_thresh = 0.0
         yaml_cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     torch.manual_seed(0)
     lazy_model, yaml_model = instantiate(cfg.model).eval(), build_model(yaml_cfg).eval()
@@ -81,7 +92,11 @@ def test_lazy_and_yaml_configs_build_the_same_model(lazy, yaml):
     lazy_model.load_state_dict(yaml_state)
     image = torch.randint(0, 256, (3, 192, 224), dtype=torch.uint8)
     boxes = Boxes(torch.tensor([[20.0, 30.0, 120.0, 150.0], [100.0, 20.0, 210.0, 90.0]]))
+    masks = torch.zeros(2, 192, 224, dtype=torch.bool)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes.tensor.int().tolist()):
+        mask[y0:y1, x0:x1] = True
     instances = Instances((192, 224), gt_boxes=boxes, gt_classes=torch.tensor([1, 3]))
+    instances.gt_masks = BitMasks(masks)
     outputs = []
     for model in (lazy_model, yaml_model):
         with torch.no_grad():
