@@ -189,17 +189,23 @@ def _evaluate(cfg, dataset_name, tmp_path, shift=0.0):
     return evaluator.evaluate()
 
 
+def _check_ground_truth_scores_100(dataset, mask_on, tmp_path):
+    """Through build_evaluator: the ground truth as predictions scores AP 100 for boxes and, with
+    MODEL.MASK_ON (only then), masks; boxes shifted by 4 px score less."""
+    cfg = add_libra_config(get_cfg())
+    cfg.MODEL.MASK_ON = mask_on
+    results = _evaluate(cfg, dataset, tmp_path)
+    assert set(results) == ({"bbox", "segm"} if mask_on else {"bbox"})
+    for task in results:
+        assert results[task]["AP"] == pytest.approx(100.0)
+    assert _evaluate(cfg, dataset, tmp_path, shift=4.0)["bbox"]["AP"] < 90
+
+
 @pytest.mark.parametrize("mask_on", [True, False], ids=["mask", "box"])
 def test_coco_split_evaluates_boxes_and_masks(tiny_val, mask_on, tmp_path):
     """Through build_evaluator (COCOEvaluator): the ground truth as predictions scores AP 100 for
     boxes and, with MODEL.MASK_ON (only then), masks; boxes shifted by 4 px score less."""
-    cfg = add_libra_config(get_cfg())
-    cfg.MODEL.MASK_ON = mask_on
-    results = _evaluate(cfg, tiny_val, tmp_path)
-    assert set(results) == ({"bbox", "segm"} if mask_on else {"bbox"})
-    for task in results:
-        assert results[task]["AP"] == pytest.approx(100.0)
-    assert _evaluate(cfg, tiny_val, tmp_path, shift=4.0)["bbox"]["AP"] < 90
+    _check_ground_truth_scores_100(tiny_val, mask_on, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -251,15 +257,9 @@ def _lvis_uses_np_float():
 def test_lvis_split_evaluates_boxes_and_masks(lvis_val, mask_on, tmp_path):
     """Through build_evaluator (LVISEvaluator + the lvis package): the ground truth as predictions
     scores AP 100 for boxes and, with MODEL.MASK_ON, masks; boxes shifted by 4 px score less."""
-    cfg = add_libra_config(get_cfg())
-    cfg.MODEL.MASK_ON = mask_on
     files = DatasetCatalog.get(lvis_val)
     assert Path(files[0]["file_name"]).is_file()
-    results = _evaluate(cfg, lvis_val, tmp_path)
-    assert set(results) == ({"bbox", "segm"} if mask_on else {"bbox"})
-    for task in results:
-        assert results[task]["AP"] == pytest.approx(100.0)
-    assert _evaluate(cfg, lvis_val, tmp_path, shift=4.0)["bbox"]["AP"] < 90
+    _check_ground_truth_scores_100(lvis_val, mask_on, tmp_path)
 
 
 @pytest.fixture(scope="module")
