@@ -21,6 +21,8 @@ import sys
 import warnings
 import weakref
 
+import numpy as np
+
 # detectron2 compiles a few functions with torch.jit when imported; torch's deprecation notice
 # for that is addressed to detectron2, not to users of this script.
 warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
@@ -106,6 +108,10 @@ class Trainer(DefaultTrainer):
         if evaluator_type == "coco":
             return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
         if evaluator_type == "lvis":
+            if not hasattr(np, "float"):
+                # lvis 0.5.3, the latest release, casts with np.float, an alias of float that
+                # numpy 1.24 removed (fixed on lvis-api's main branch, unreleased)
+                np.float = float
             return LVISEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
         if evaluator_type == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)

@@ -3,7 +3,6 @@ L1 against closed forms, detectron2 checkpoints loading into the Libra versions,
 runs through train_net.py that evaluate masks, and LVIS / Pascal VOC evaluation of the built-in
 dataset through ``Trainer.build_evaluator`` with the ground truth as predictions."""
 
-import inspect
 import json
 import math
 from pathlib import Path
@@ -237,22 +236,6 @@ def lvis_val(shapes_dataset, tmp_path_factory):
     return name
 
 
-def _lvis_uses_np_float():
-    """lvis 0.5.3 (the latest on PyPI) casts with ``np.float``, which numpy 1.24 removed; the
-    fix is in the lvis-api repository (main), unreleased."""
-    import lvis.eval
-
-    return "np.float)" in inspect.getsource(lvis.eval.LVISEval.accumulate) and not hasattr(
-        np, "float"
-    )
-
-
-@pytest.mark.xfail(
-    _lvis_uses_np_float(),
-    raises=AttributeError,
-    strict=True,
-    reason="the installed lvis package uses np.float, removed in numpy 1.24",
-)
 @pytest.mark.parametrize("mask_on", [True, False], ids=["mask", "box"])
 def test_lvis_split_evaluates_boxes_and_masks(lvis_val, mask_on, tmp_path):
     """Through build_evaluator (LVISEvaluator + the lvis package): the ground truth as predictions
