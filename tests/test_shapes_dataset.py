@@ -1,5 +1,6 @@
 """Tests of the built-in ``libra_shapes`` dataset (libra_d2/data/shapes.py)."""
 
+import errno
 import fcntl
 import glob
 import hashlib
@@ -251,6 +252,18 @@ def test_killed_generation_leaves_no_split_and_is_rebuilt(tmp_path, monkeypatch)
     assert len(json.load(open(json_file))["images"]) == 6
     assert len(os.listdir(image_root)) == 6
     assert sorted(os.listdir(tmp_path / "libra_shapes")) == ["train", "train.lock"]  # .tmp gone
+
+
+def test_filesystem_without_locks_is_named(tmp_path, monkeypatch):
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    lock_file = tmp_path / "libra_shapes" / "val.lock"
+    with pytest.raises(OSError, match=f"cannot lock {lock_file} .*DETECTRON2_DATASETS") as e:
+        ensure_shapes_dataset(str(tmp_path), ("val",), SMALL)
+    assert e.value.errno == errno.ENOLCK
+    assert not (tmp_path / "libra_shapes" / "val").exists()
 
 
 def test_registration(tmp_path):

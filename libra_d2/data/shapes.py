@@ -360,13 +360,26 @@ def _recorded_info(json_file: str) -> Optional[Dict]:
 @contextlib.contextmanager
 def _exclusive_lock(lock_file: str):
     """Hold an exclusive POSIX lock (``fcntl.lockf``) on ``lock_file``, created if missing; wait
-    for it, with a log line, while another process holds it."""
+    for it, with a log line, while another process holds it.
+
+    Raises:
+        OSError: naming ``lock_file`` and the way out where its filesystem has no POSIX locks.
+    """
     with open(lock_file, "a") as f:
         try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):
-            logger.info(f"Waiting for another process that holds {lock_file} ...")
-            fcntl.lockf(f, fcntl.LOCK_EX)
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):
+                logger.info(f"Waiting for another process that holds {lock_file} ...")
+                fcntl.lockf(f, fcntl.LOCK_EX)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"cannot lock {lock_file} ({e.strerror}): generating libra_shapes needs a "
+                "filesystem with POSIX locks; generate it there once from a single process "
+                "(python -c 'import libra_d2; libra_d2.data.ensure_shapes_dataset()') or set "
+                "DETECTRON2_DATASETS to a local folder",
+            ) from None
         yield  # closing the file releases the lock
 
 
