@@ -1,11 +1,16 @@
 """`train_net.py --num-gpus 2` on a CPU-only machine: two Gloo processes through detectron2's
 launch, gradients synchronised by DDP (the first update equals one process's on the same data),
-evaluation gathered from both ranks, AP equal to a single-process evaluation."""
+evaluation gathered from both ranks, AP equal to a single-process evaluation. Two machines
+(`--num-machines 2`) simulated on one host, sharing an empty datasets folder."""
 
 import itertools
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import detectron2.utils.comm as comm
@@ -128,3 +133,92 @@ def test_two_processes_take_the_same_first_step_as_one(tmp_path):
         assert not torch.allclose(v, initial[k])  # the step changed every parameter
         torch.testing.assert_close(ranks[0]["weights"][k], v)
         torch.testing.assert_close(ranks[1]["weights"][k], v)
+
+
+# train_net.py as run on one machine, with a small libra_shapes (the launcher generates it) and the
+# final weights of every rank saved to OUTPUT_DIR/rank<r>.pth (detectron2 checkpoints only rank
+# 0's). The patches are at module level, so detectron2's spawned workers, which import this file
+# as __mp_main__, have them too. The launchers of the machines start together: each waits for
+# the other's ready file.
+_MACHINE = """
+import os, sys, time
+import torch
+import detectron2.utils.comm as comm
+import train_net
+from libra_d2.data import shapes
+
+shapes.SHAPES_SPLITS.update(train={"num_images": 16, "seed": 1}, val={"num_images": 4, "seed": 2})
+train = train_net.Trainer.train
+
+def train_and_save(self):
+    result = train(self)
+    model = getattr(self.model, "module", self.model)
+    torch.save(model.state_dict(), os.path.join(self.cfg.OUTPUT_DIR, f"rank{comm.get_rank()}.pth"))
+    return result
+
+train_net.Trainer.train = train_and_save
+
+if __name__ == "__main__":
+    ready = os.path.join(os.path.dirname(__file__), "ready")
+    open(f"{ready}.{sys.argv[sys.argv.index('--machine-rank') + 1]}", "w").close()
+    while not (os.path.exists(f"{ready}.0") and os.path.exists(f"{ready}.1")):
+        time.sleep(0.01)
+    train_net.invoke_main()
+"""
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_machines_on_an_empty_shared_datasets_folder(tmp_path):
+    """`train_net.py --num-machines 2 --machine-rank 0|1` on one host, both launchers started at
+    once on an empty DETECTRON2_DATASETS: the built-in dataset is generated once (one machine
+    generates, the other waits and reuses it), both ranks train and evaluate, exit 0 and end with
+    the same weights, those of rank 0's final checkpoint."""
+    machine = tmp_path / "machine.py"
+    machine.write_text(_MACHINE)
+    out = tmp_path / "out"
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets"),
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    logs = [tmp_path / f"machine{rank}.log" for rank in (0, 1)]
+    outputs = [log.open("w") for log in logs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(machine), "--num-machines", "2", "--machine-rank", str(rank),
+             "--num-gpus", "1", "--dist-url", url, "--config-file", LIBRA_SHAPES,
+             "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1",
+             "DATALOADER.NUM_WORKERS", "0", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
+             "OUTPUT_DIR", str(out)],
+            cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the launcher and its worker
+        )
+        for rank, output in enumerate(outputs)
+    ]  # fmt: skip
+    for output in outputs:
+        output.close()  # the machines write to their own copies
+    # A rank that fails leaves the other waiting for it (detectron2's timeout is 30 minutes).
+    deadline = time.time() + 300
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    logs = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+
+    assert sum(log.count("Generating libra_shapes") for log in logs) == 2  # train and val, once
+    assert "on 2 devices" in (out / "log.txt").read_text()  # evaluation gathered from both ranks
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    for rank in (0, 1):
+        weights = torch.load(out / f"rank{rank}.pth", weights_only=True)
+        assert weights.keys() == final.keys()
+        for k, v in final.items():
+            assert torch.equal(weights[k], v), (rank, k)

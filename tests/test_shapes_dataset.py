@@ -1,9 +1,14 @@
 """Tests of the built-in ``libra_shapes`` dataset (libra_d2/data/shapes.py)."""
 
+import errno
+import fcntl
 import glob
+import hashlib
 import json
+import logging
 import multiprocessing
 import os
+import shutil
 import time
 
 import numpy as np
@@ -26,6 +31,10 @@ def _read_all(split_dir):
     """{relative path: bytes} of every file of a split."""
     paths = glob.glob(os.path.join(split_dir, "**", "*"), recursive=True)
     return {os.path.relpath(p, split_dir): open(p, "rb").read() for p in paths if os.path.isfile(p)}
+
+
+def _digest(files):
+    return hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
 
 
 def _mtimes(split_dir):
@@ -138,7 +147,7 @@ def test_incomplete_or_outdated_split_is_rebuilt(tmp_path, damage):
     damage(split_dir)
     ensure_shapes_dataset(root, splits=("train",), split_params=SMALL)
     assert _read_all(split_dir) == reference
-    assert os.listdir(os.path.dirname(split_dir)) == ["train"]  # no temporary directory left
+    assert sorted(os.listdir(os.path.dirname(split_dir))) == ["train", "train.lock"]  # no .tmp
 
 
 def test_split_with_other_parameters_is_replaced(tmp_path):
@@ -149,7 +158,65 @@ def test_split_with_other_parameters_is_replaced(tmp_path):
     json_file, image_root = ensure_shapes_dataset(root, ("val",), {"val": {"num_images": 3}})["val"]
     assert len(json.load(open(json_file))["images"]) == 3
     assert sorted(os.listdir(image_root)) == ["000000.png", "000001.png", "000002.png"]
-    assert os.listdir(tmp_path / "libra_shapes") == ["val"]
+    assert sorted(os.listdir(tmp_path / "libra_shapes")) == ["val", "val.lock"]
+
+
+def test_interrupted_replacement_is_not_taken_for_complete(tmp_path, monkeypatch):
+    """A generator killed while it removes an old split (of other parameters) leaves no split
+    that looks complete to a later run with the old parameters."""
+    root = str(tmp_path / "root")
+    split_dir = os.path.join(root, "libra_shapes", "val")
+    reference = _read_all(os.path.dirname(ensure_shapes_dataset(root, ("val",), SMALL)["val"][0]))
+    rmtree = shutil.rmtree
+
+    def killed_rmtree(path, ignore_errors=False):
+        if path == split_dir:  # killed after deleting one image of the old split
+            os.remove(os.path.join(split_dir, "images", "000000.png"))
+            raise KeyboardInterrupt
+        rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_shapes_dataset(root, ("val",), {"val": {"num_images": 5}})
+    monkeypatch.undo()
+    ensure_shapes_dataset(root, ("val",), SMALL)
+    assert _read_all(split_dir) == reference
+
+
+CONCURRENT = {"train": {"num_images": 8, "num_workers": 1}}
+
+
+def _ensure_together(barrier, root, log_file):
+    """Log libra_d2's dataset messages to ``log_file``, wait at ``barrier``, ensure the split of
+    :data:`CONCURRENT`, then log a digest of the files it found."""
+    shapes.logger.setLevel(logging.INFO)
+    shapes.logger.addHandler(logging.FileHandler(log_file))
+    barrier.wait()
+    json_file, _ = ensure_shapes_dataset(root, ("train",), CONCURRENT)["train"]
+    shapes.logger.info(f"files {_digest(_read_all(os.path.dirname(json_file)))}")
+
+
+def test_processes_started_together_generate_once(tmp_path):
+    """4 processes ask for the same split of an empty folder at the same instant: one generates
+    it, the others wait for its lock and reuse it; all see the same complete split."""
+    root = tmp_path / "root"
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(4)
+    logs = [tmp_path / f"log{i}.txt" for i in range(4)]
+    procs = [ctx.Process(target=_ensure_together, args=(barrier, str(root), log)) for log in logs]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0] * 4
+
+    lines = [line for log in logs for line in log.read_text().splitlines()]
+    assert sum(line.startswith("Generating libra_shapes") for line in lines) == 1
+    assert sum(line.startswith("Reusing libra_shapes") for line in lines) == 3
+    assert sum(line.startswith("Waiting for another process") for line in lines) >= 1
+    reference = _read_all(os.path.dirname(generate_shapes_split(str(tmp_path / "ref"), 8, 1)))
+    assert {line for line in lines if line.startswith("files ")} == {f"files {_digest(reference)}"}
+    assert sorted(os.listdir(root / "libra_shapes")) == ["train", "train.lock"]
 
 
 def test_killed_generation_leaves_no_split_and_is_rebuilt(tmp_path, monkeypatch):
@@ -162,6 +229,8 @@ def test_killed_generation_leaves_no_split_and_is_rebuilt(tmp_path, monkeypatch)
     while len(glob.glob(split_dir + ".tmp/images/*.png")) < 3 and time.time() < deadline:
         assert proc.is_alive()
         time.sleep(0.02)
+    with open(split_dir + ".lock", "a") as f, pytest.raises(BlockingIOError):
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the generator holds the split's lock
     proc.kill()
     proc.join()
     assert glob.glob(split_dir + ".tmp/images/*.png"), "generation did not start"
@@ -170,12 +239,31 @@ def test_killed_generation_leaves_no_split_and_is_rebuilt(tmp_path, monkeypatch)
     # The same happens if an older, non-atomic writer left a half-written split in place.
     os.makedirs(os.path.join(split_dir, "images"))
     Image.new("RGB", (224, 224)).save(os.path.join(split_dir, "images", "000000.png"))
+    # The killed generator's lock died with it: the next process gets it, in another process so
+    # that a lock that outlived its holder fails the test instead of hanging it.
+    follower = ctx.Process(target=ensure_shapes_dataset, args=(str(tmp_path), ("train",), SMALL))
+    follower.start()
+    follower.join(60)
+    if follower.is_alive():
+        follower.kill()
+    assert follower.exitcode == 0
+    _forbid_rendering(monkeypatch)  # the follower rebuilt the split
     json_file, image_root = ensure_shapes_dataset(str(tmp_path), ("train",), SMALL)["train"]
     assert len(json.load(open(json_file))["images"]) == 6
     assert len(os.listdir(image_root)) == 6
-    assert os.listdir(tmp_path / "libra_shapes") == ["train"]  # the killed one's .tmp is gone
-    _forbid_rendering(monkeypatch)
-    ensure_shapes_dataset(str(tmp_path), ("train",), SMALL)
+    assert sorted(os.listdir(tmp_path / "libra_shapes")) == ["train", "train.lock"]  # .tmp gone
+
+
+def test_filesystem_without_locks_is_named(tmp_path, monkeypatch):
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    lock_file = tmp_path / "libra_shapes" / "val.lock"
+    with pytest.raises(OSError, match=f"cannot lock {lock_file} .*DETECTRON2_DATASETS") as e:
+        ensure_shapes_dataset(str(tmp_path), ("val",), SMALL)
+    assert e.value.errno == errno.ENOLCK
+    assert not (tmp_path / "libra_shapes" / "val").exists()
 
 
 def test_registration(tmp_path):

@@ -32,13 +32,18 @@ Layout on disk, under ``<root>/libra_shapes/<split>/`` where ``root`` defaults t
 Image ``i`` of a split is drawn from ``np.random.default_rng([seed, i])`` alone, so the same seed
 gives byte-identical files (for a given numpy and Pillow). A split is generated into
 ``<split>.tmp`` and renamed into place once complete, so a killed generator never leaves a split
-that looks complete; one generator at a time (the launching process, before any worker).
+that looks complete. Generation holds an exclusive POSIX lock on ``<split>.lock`` (a file that
+stays next to the split): any number of processes, on any number of machines sharing the folder
+through a filesystem with POSIX locks, may ask for a split at once; one generates it, the others
+wait for the lock and reuse the result. The system releases the lock of a process that dies.
 
 :func:`ensure_shapes_dataset` generates (or reuses) the files and :func:`register_libra_shapes`
 (called when :mod:`libra_d2.data` is imported) registers ``libra_shapes_train`` and
 ``libra_shapes_val`` with detectron2.
 """
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -352,58 +357,36 @@ def _recorded_info(json_file: str) -> Optional[Dict]:
         return None
 
 
-def generate_shapes_split(
-    out_dir: str,
-    num_images: int,
-    seed: int,
-    image_size: int = 224,
-    max_objects: int = 12,
-    max_clutter: int = 10,
-    min_size: float = 8.0,
-    max_size_ratio: float = 0.5,
-    min_visible: float = 0.6,
-    num_workers: Optional[int] = None,
-) -> str:
-    """Make ``out_dir`` hold one split of ``libra_shapes``, generated with these parameters.
+@contextlib.contextmanager
+def _exclusive_lock(lock_file: str):
+    """Hold an exclusive POSIX lock (``fcntl.lockf``) on ``lock_file``, created if missing; wait
+    for it, with a log line, while another process holds it.
 
-    An ``out_dir`` whose ``annotations.json`` records the same parameters is kept as it is.
-    Otherwise the split is written into ``<out_dir>.tmp`` (``annotations.json`` last), then any
-    old ``out_dir`` is removed and the new split renamed to ``out_dir``.
-
-    Args:
-        out_dir: directory of the split; receives ``images/NNNNNN.png`` and ``annotations.json``.
-        num_images: number of images.
-        seed: base seed; image ``i`` is drawn from ``np.random.default_rng([seed, i])``.
-        image_size: width and height of the (square) images, in pixels.
-        max_objects: each image gets between 1 and ``max_objects`` annotated objects before
-            placement (objects that cannot be placed without hiding others are skipped).
-        max_clutter: each image gets between 0 and ``max_clutter`` unannotated clutter items.
-        min_size: smallest object size (longer side of the box), in pixels.
-        max_size_ratio: largest object size, as a fraction of ``image_size``.
-        min_visible: fraction of each annotated object's pixels that must stay visible.
-        num_workers: processes rendering images (default: ``min(8, os.cpu_count())``); does not
-            change the output.
-
-    Returns:
-        Path of ``out_dir/annotations.json``.
+    Raises:
+        OSError: naming ``lock_file`` and the way out where its filesystem has no POSIX locks.
     """
-    params = {
-        "num_images": num_images,
-        "seed": seed,
-        "image_size": image_size,
-        "max_objects": max_objects,
-        "max_clutter": max_clutter,
-        "min_size": min_size,
-        "max_size_ratio": max_size_ratio,
-        "min_visible": min_visible,
-    }
-    info = {"description": "libra_shapes", "version": _FORMAT_VERSION, "params": params}
-    out_dir = os.path.abspath(out_dir)
-    json_file = os.path.join(out_dir, _ANNOTATIONS)
-    if _recorded_info(json_file) == info:
-        logger.info(f"Reusing libra_shapes ({num_images} images) in {out_dir}")
-        return json_file
+    with open(lock_file, "a") as f:
+        try:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):
+                logger.info(f"Waiting for another process that holds {lock_file} ...")
+                fcntl.lockf(f, fcntl.LOCK_EX)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"cannot lock {lock_file} ({e.strerror}): generating libra_shapes needs a "
+                "filesystem with POSIX locks; generate it there once from a single process "
+                "(python -c 'import libra_d2; libra_d2.data.ensure_shapes_dataset()') or set "
+                "DETECTRON2_DATASETS to a local folder",
+            ) from None
+        yield  # closing the file releases the lock
 
+
+def _write_split(out_dir: str, params: Mapping[str, Any], info: Dict, num_workers: Optional[int]):
+    """Generate the split of ``params`` into ``<out_dir>.tmp`` and rename it to ``out_dir``
+    (the caller holds the split's lock)."""
+    num_images, image_size = params["num_images"], params["image_size"]
     logger.info(f"Generating libra_shapes ({num_images} images) in {out_dir} ...")
     start = time.perf_counter()
     tmp_dir = out_dir + ".tmp"
@@ -437,9 +420,71 @@ def generate_shapes_split(
     }
     with open(os.path.join(tmp_dir, _ANNOTATIONS), "w") as f:
         json.dump(coco, f, separators=(",", ":"))
+    with contextlib.suppress(FileNotFoundError):  # an old split is incomplete from here on
+        os.remove(os.path.join(out_dir, _ANNOTATIONS))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp_dir, out_dir)
     logger.info(f"Generated libra_shapes in {out_dir} in {time.perf_counter() - start:.1f} s")
+
+
+def generate_shapes_split(
+    out_dir: str,
+    num_images: int,
+    seed: int,
+    image_size: int = 224,
+    max_objects: int = 12,
+    max_clutter: int = 10,
+    min_size: float = 8.0,
+    max_size_ratio: float = 0.5,
+    min_visible: float = 0.6,
+    num_workers: Optional[int] = None,
+) -> str:
+    """Make ``out_dir`` hold one split of ``libra_shapes``, generated with these parameters.
+
+    An ``out_dir`` whose ``annotations.json`` records the same parameters is kept as it is.
+    Otherwise, holding the lock ``<out_dir>.lock`` (waiting for it, then reusing the split if the
+    process that held it generated the same), the split is written into ``<out_dir>.tmp``
+    (``annotations.json`` last), then any old ``out_dir`` is removed (its ``annotations.json``
+    first) and the new split renamed to ``out_dir``.
+
+    Args:
+        out_dir: directory of the split; receives ``images/NNNNNN.png`` and ``annotations.json``.
+        num_images: number of images.
+        seed: base seed; image ``i`` is drawn from ``np.random.default_rng([seed, i])``.
+        image_size: width and height of the (square) images, in pixels.
+        max_objects: each image gets between 1 and ``max_objects`` annotated objects before
+            placement (objects that cannot be placed without hiding others are skipped).
+        max_clutter: each image gets between 0 and ``max_clutter`` unannotated clutter items.
+        min_size: smallest object size (longer side of the box), in pixels.
+        max_size_ratio: largest object size, as a fraction of ``image_size``.
+        min_visible: fraction of each annotated object's pixels that must stay visible.
+        num_workers: processes rendering images (default: ``min(8, os.cpu_count())``); does not
+            change the output.
+
+    Returns:
+        Path of ``out_dir/annotations.json``.
+    """
+    params = {
+        "num_images": num_images,
+        "seed": seed,
+        "image_size": image_size,
+        "max_objects": max_objects,
+        "max_clutter": max_clutter,
+        "min_size": min_size,
+        "max_size_ratio": max_size_ratio,
+        "min_visible": min_visible,
+    }
+    info = {"description": "libra_shapes", "version": _FORMAT_VERSION, "params": params}
+    out_dir = os.path.abspath(out_dir)
+    json_file = os.path.join(out_dir, _ANNOTATIONS)
+    if _recorded_info(json_file) != info:
+        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+        with _exclusive_lock(out_dir + ".lock"):
+            # Another process may have generated the split while this one waited for the lock.
+            if _recorded_info(json_file) != info:
+                _write_split(out_dir, params, info, num_workers)
+                return json_file
+    logger.info(f"Reusing libra_shapes ({num_images} images) in {out_dir}")
     return json_file
 
 
