@@ -11,6 +11,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from libra_d2.checks import load_config
 from libra_d2.modeling import BalancedFPN, IoUBalancedROIHeads, LibraRetinaNet, LibraRPN
@@ -37,6 +38,35 @@ TWINS = [
         "Misc/libra_cascade_mask_rcnn_R_50_FPN_1x.yaml",
     ),
 ]
+
+
+def _plain(value):
+    """``value`` as nested tuples, dicts and scalars; a plain object as (class name, attributes)."""
+    if isinstance(value, (ListConfig, DictConfig)):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (torch.nn.Module, torch.Tensor)):  # compared as modules / state
+        return None
+    if hasattr(value, "__dict__"):  # Matcher, Box2BoxTransform, ...
+        return type(value).__name__, _plain(vars(value))
+    return value
+
+
+def _settings(model):
+    """Every module's public attributes: thresholds, top-k, sampling sizes, matchers, coders."""
+    settings = {
+        f"{name}.{k}": _plain(v)
+        for name, module in model.named_modules()
+        for k, v in vars(module).items()
+        if not k.startswith("_") and k != "training"
+    }
+    for k, v in settings.items():  # a missing loss weight is 1.0 (FastRCNNOutputLayers.losses)
+        if "box_predictor" in k and k.endswith(".loss_weight"):
+            settings[k] = {"loss_cls": 1.0, **v}
+    return settings
 
 
 def test_lazy_files_are_found():
@@ -67,8 +97,9 @@ def test_every_lazy_config_loads_and_builds_a_libra_model(name):
 
 @pytest.mark.parametrize("lazy, yaml", TWINS)
 def test_lazy_and_yaml_configs_build_the_same_model(lazy, yaml):
-    """Same parameter and buffer names and shapes, the same parameters trainable (frozen stages);
-    with the same weights, the same features, detections and (with the same random draws)
+    """Same parameter and buffer names and shapes, the same parameters trainable (frozen stages),
+    the same module settings (e.g. the RPN's top-k, which a small test image cannot reach); with
+    the same weights, the same features, detections and (with the same random draws)
     training losses."""
     cfg = LazyConfig.load(str(CONFIGS / lazy))
     yaml_cfg = load_config(str(CONFIGS / yaml), ["MODEL.DEVICE", "cpu"])
@@ -91,6 +122,7 @@ def test_lazy_and_yaml_configs_build_the_same_model(lazy, yaml):
     }
     trainable = [{k: p.requires_grad for k, p in m.named_parameters()} for m in models]
     assert trainable[0] == trainable[1]
+    assert _settings(lazy_model) == _settings(yaml_model)
     with torch.no_grad():
         for name, v in yaml_state.items():  # the BFP's zero-initialised output conv too
             if name.startswith("backbone.bfp."):
