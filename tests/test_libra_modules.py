@@ -322,20 +322,24 @@ def test_libra_rpn_capped_negatives_are_uniformly_random():
 
 @pytest.mark.parametrize("normalizer", ["batch_size", "num_sampled"])
 def test_libra_rpn_loss_normalizer(normalizer):
-    """Zero logits: each sampled anchor's objectness loss is ln 2. Averaged over the sampled
-    anchors (each image's counts at least 1, as mmdetection) it is ln 2 whenever every image has
-    positives and negatives."""
+    """Zero logits and zero deltas. Each sampled anchor's objectness loss is ln 2; each positive
+    anchor (0, 0, 10, 10) against the box (1, 2, 13, 8) has L1 box loss |dx| + |dy| + |dw| + |dh|
+    = 0.2 + 0 + ln(12 / 10) + |ln(6 / 10)|. Both sums are divided by 256 anchors per image
+    (detectron2) or by the sampled anchors, each image's positive and negative counts taken as at
+    least 1 (mmdetection's avg_factor): 131 here for 130 sampled."""
     rpn = _libra_rpn(**{"MODEL.RPN.LOSS_NORMALIZER": normalizer})
+    assert rpn.box_reg_loss_type == "smooth_l1" and rpn.smooth_l1_beta == 0  # L1
     labels = [_anchor_labels(10, 50, 40), _anchor_labels(0, 70, 30)]  # 60 and 70 sampled
     anchors = [Boxes(torch.tensor([[0.0, 0, 10, 10]]).repeat(100, 1))]
-    zeros = [torch.zeros(2, 100)]
+    gt_boxes = [torch.tensor([[1.0, 2, 13, 8]]).repeat(100, 1)] * 2
     with EventStorage():
         losses = rpn.losses(
-            anchors, zeros, labels, [torch.zeros(2, 100, 4)], [anchors[0].tensor] * 2
+            anchors, [torch.zeros(2, 100)], labels, [torch.zeros(2, 100, 4)], gt_boxes
         )
-    expected = {"batch_size": 130 / (256 * 2), "num_sampled": 130 / (60 + 1 + 70)}[normalizer]
-    assert losses["loss_rpn_cls"].item() == pytest.approx(math.log(2) * expected, rel=1e-6)
-    assert losses["loss_rpn_loc"].item() == 0
+    normalizer = {"batch_size": 256 * 2, "num_sampled": 60 + 1 + 70}[normalizer]
+    box_loss = 0.2 + math.log(12 / 10) + abs(math.log(6 / 10))
+    assert losses["loss_rpn_cls"].item() == pytest.approx(130 * math.log(2) / normalizer, rel=1e-6)
+    assert losses["loss_rpn_loc"].item() == pytest.approx(10 * box_loss / normalizer, rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,9 @@
 mmdetection 3.3.0 builds Libra Faster R-CNN and Libra RetinaNet from its own config files with
 random weights (``mmdet_reference.py``); detectron2 loads that file through ``MODEL.WEIGHTS``. Both
 take one training forward on a real photograph with seven ground-truth boxes from 12 px to 490 px,
-and every loss term and the gradients of the BFP and head parameters must agree.
+and every loss term and the gradient of every trained parameter must agree: the heads, the BFP
+(through its non-local block and the backward of its max-pooling), the FPN and the ResNet stages
+res3-res5 (the stem and res2 are frozen in both).
 
 What is pinned so that both frameworks see the same samples:
 
@@ -12,6 +14,16 @@ What is pinned so that both frameworks see the same samples:
 * Second stage: both ROI heads get the same proposals (detectron2's first 300 RPN proposals and
   jittered copies of the ground truth), few enough that each sampler keeps every candidate
   (at most 128 positives and 512 in all). The ground truth is added as proposals on both sides.
+
+What this test does not exercise:
+
+* The choice of the IoU-balanced ROI sampler and of the instance-balanced positives: every
+  candidate is kept, so both sides train on the same ROIs whatever the samplers would pick
+  (``tests/test_sampling.py`` checks the samplers against closed forms and a port of the
+  official sampler).
+* Which anchors the RPN's random sampler picks (``torch.randperm`` is pinned); the negative cap
+  and the normaliser are exercised (the cap binds on this photo).
+* Data loading and resizing (both get the same image tensor), the optimizer and the schedule.
 
 Where the two baselines differ by design, this test sets one side to the other's value, so that
 the comparison shows the difference is only that setting (``docs/TRAINING_RECIPE.md``):
@@ -49,9 +61,15 @@ GT_BOXES = [
     ((258, 192, 270, 204), 6),
 ]
 LOSS_RTOL = 1e-4
-# Gradients agree less closely than losses: float rounding in the two ResNets moves a few inputs
-# of the heads across a point where the gradient jumps (a ReLU at 0, balanced L1 at beta = 0.11).
-GRAD_RTOL, GRAD_ATOL = 5e-3, 1e-6
+# Gradients agree less closely than losses. The two frameworks compute the same function in a
+# different order of float32 operations: their head inputs differ by ~6e-6 of their scale, which
+# puts 0-3 units per head layer and level on the other side of a ReLU's 0 (measured on RetinaNet).
+# A flip changes the gradient of every layer below it, the more so where few anchors carry the
+# gradient (box regression): the difference grows away from the losses. Measured on this photo
+# (max over tensors of |d2 - mm| / |mm|): heads, BFP, FPN 1.8e-3 (RetinaNet's box subnet), ResNet
+# 9.2e-3 (RetinaNet's res3); the layers next to the losses 1e-5.
+GRAD_RTOL = {"ResNet": 2e-2, "FPN": 5e-3, "BFP": 5e-3, "heads": 5e-3}
+GRAD_ATOL = 1e-6
 NUM_RPN_PROPOSALS = 300  # second-stage proposals taken from the RPN, before the jittered ones
 
 
@@ -127,7 +145,9 @@ def _grads(d2_model, mm_model, prefixes):
         {"meta": {}, "state_dict": as_state}, d2_model.state_dict()
     )
     return [
-        (k, p.grad, converted[k]) for k, p in d2_model.named_parameters() if k.startswith(prefixes)
+        (k, p.grad, converted[k])
+        for k, p in d2_model.named_parameters()
+        if k.startswith(prefixes) and p.requires_grad
     ]
 
 
@@ -151,14 +171,28 @@ def _check_losses(name, losses):
         assert d2 == pytest.approx(mm, rel=LOSS_RTOL), term
 
 
+def _part(name):
+    """The part of the model a detectron2 parameter belongs to: a key of ``GRAD_RTOL``."""
+    if name.startswith("backbone.bottom_up."):
+        return "ResNet"
+    if name.startswith("backbone.bfp."):
+        return "BFP"
+    return "FPN" if name.startswith("backbone.") else "heads"
+
+
 def _check_grads(grads):
-    """Each gradient within GRAD_RTOL of its norm (plus GRAD_ATOL for those that are 0 in exact
-    arithmetic, such as the bias of the non-local block's phi: the softmax over keys cancels it)."""
-    assert len(grads) > 10
-    worst = max((d2 - mm).norm() / mm.norm() for _, d2, mm in grads if mm.norm() > GRAD_ATOL)
-    print(f"  gradients of {len(grads)} tensors: max relative difference {worst:.1e}")
+    """Each gradient within its part's ``GRAD_RTOL`` of its norm (plus ``GRAD_ATOL`` for those
+    that are 0 in exact arithmetic, such as the bias of the non-local block's phi: the softmax
+    over keys cancels it); every part present."""
+    worst = dict.fromkeys(GRAD_RTOL, 0.0)
     for name, d2, mm in grads:
-        assert (d2 - mm).norm() <= GRAD_RTOL * mm.norm() + GRAD_ATOL, name
+        part, diff = _part(name), (d2 - mm).norm()
+        assert diff <= GRAD_RTOL[part] * mm.norm() + GRAD_ATOL, name
+        if mm.norm() > GRAD_ATOL:
+            worst[part] = max(worst[part], (diff / mm.norm()).item())
+    worst_text = ", ".join(f"{part} {w:.1e}" for part, w in worst.items())
+    print(f"  gradients of {len(grads)} tensors, max relative difference: {worst_text}")
+    assert all(worst.values())
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +231,7 @@ def faster_rcnn_step(random_models):
         "roi classification": ("loss_cls", "loss_cls"),
         "roi box (balanced L1)": ("loss_box_reg", "loss_bbox"),
     }
-    grads = _grads(d2, mm, ("backbone.bfp.", "proposal_generator.", "roi_heads."))
+    grads = _grads(d2, mm, ("backbone.", "proposal_generator.", "roi_heads."))
     return _terms(terms, d2_losses, mm_losses), grads, counts, len(boxes)
 
 
@@ -239,7 +273,7 @@ def retinanet_step(random_models):
     _total(d2_losses).backward()
     _total(mm_losses).backward()
     terms = {"focal": ("loss_cls", "loss_cls"), "box (balanced L1)": ("loss_box_reg", "loss_bbox")}
-    return _terms(terms, d2_losses, mm_losses), _grads(d2, mm, ("backbone.bfp.", "head."))
+    return _terms(terms, d2_losses, mm_losses), _grads(d2, mm, ("backbone.", "head."))
 
 
 def test_retinanet_training_losses_match_mmdetection(retinanet_step):

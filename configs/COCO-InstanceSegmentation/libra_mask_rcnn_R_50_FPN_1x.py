@@ -1,9 +1,12 @@
-# Libra Mask R-CNN R-50-FPN 1x as LazyConfig: the model of libra_mask_rcnn_R_50_FPN_1x.yaml with
-# the COCO data, optimizer and 1x schedule of detectron2's
-# COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py.
+# Libra Mask R-CNN R-50-FPN 1x as LazyConfig: detectron2's
+# COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py (data, optimizer, 1x schedule, ImageNet
+# weights, freeze_at 2) with the Libra components of configs/Base-Libra-RCNN-FPN.yaml; the model of
+# libra_mask_rcnn_R_50_FPN_1x.yaml.
+import os
+
 from detectron2 import model_zoo
 
-from ..common.models.libra_mask_rcnn_fpn import model
+from libra_d2.lazy import libra_rcnn, libra_yaml
 
 _base = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
 dataloader, optimizer, lr_multiplier, train = (
@@ -12,5 +15,7 @@ dataloader, optimizer, lr_multiplier, train = (
     _base.lr_multiplier,
     _base.train,
 )
-model.backbone.bottom_up.freeze_at = 2
-train.init_checkpoint = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+model = libra_rcnn(
+    _base.model,
+    libra_yaml(os.path.join(os.path.dirname(__file__), "..", "Base-Libra-RCNN-FPN.yaml")),
+)
