@@ -7,12 +7,17 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import LVISEvaluator
+from test_instance_segmentation import _gt_as_predictions, lvis_val  # noqa: F401  (a fixture)
 
 import train_net
-from libra_d2 import checks
+from libra_d2 import checks, evaluation
 from libra_d2.checks import SetupError, check_coco_json, check_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -470,3 +475,25 @@ def test_user_lazy_config_without_evaluator_and_with_own_dataset_function_trains
     records = _metrics(out)
     assert [r["iteration"] for r in records if "total_loss" in r] == [0, 1]
     assert not [k for r in records for k in r if k.startswith("bbox")]
+
+
+def test_lazy_config_lvis_evaluator_evaluates(lvis_val, tmp_path):  # noqa: F811  (fixture)
+    """A LazyConfig's ``L(LVISEvaluator)``, not built by Trainer.build_evaluator, evaluates with
+    lvis 0.5.3 on numpy >= 1.24 (libra_d2/evaluation.py): the ground truth as predictions scores
+    AP 100."""
+    evaluator = L(LVISEvaluator)(dataset_name=lvis_val, tasks=("bbox",), output_dir=str(tmp_path))
+    evaluator = instantiate(evaluator)
+    evaluator.reset()
+    for inp, out in zip(*_gt_as_predictions(lvis_val)):
+        evaluator.process([inp], [out])
+    assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(100.0)
+
+
+def test_lvis_alias_only_while_lvis_lacks_the_fix(monkeypatch):
+    monkeypatch.delattr(np, "float", raising=False)
+    for release, needed in [("0.5.3", True), ("0.5.4", False), ("1.0", False)]:
+        monkeypatch.setattr(evaluation, "version", lambda name: release)
+        assert evaluation.lvis_needs_np_float() is needed, release
+    monkeypatch.setattr(np, "float", float, raising=False)  # a numpy that has it
+    monkeypatch.setattr(evaluation, "version", lambda name: "0.5.3")
+    assert evaluation.lvis_needs_np_float() is False
