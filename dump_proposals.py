@@ -71,14 +71,14 @@ def check_setup(args):
     check_output_dir(os.path.dirname(os.path.abspath(args.output)), "--output folder")
     if os.path.isdir(args.output):
         raise SetupError(f"--output '{args.output}' is a folder; give the .pkl file to write")
-    check_datasets([args.dataset])
-    check_weights(cfg.MODEL.WEIGHTS)
-    check_model(cfg)
     if cfg.MODEL.LOAD_PROPOSALS or cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals":
         raise SetupError(
             f"{args.config_file} uses precomputed proposals (MODEL.LOAD_PROPOSALS / "
             "PrecomputedProposals): give the config of the RPN / Faster R-CNN to dump them from"
         )
+    check_datasets([args.dataset])
+    check_weights(cfg.MODEL.WEIGHTS)
+    check_model(cfg)
 
 
 def main(args):
