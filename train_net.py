@@ -230,7 +230,7 @@ def check_setup(args):
 def _check_lazy_setup(args):
     """:func:`check_setup` of a LazyConfig file (detectron2's ``configs/common/train.py`` keys)."""
     cfg = load_lazy_config(args.config_file, args.opts)
-    evaluates = OmegaConf.select(cfg, "dataloader.evaluator", default=None) is not None
+    evaluates = "evaluator" in cfg.get("dataloader", {})  # as lazy_test decides
     if args.eval_only:
         needed, loaders = ["model", "train", "dataloader.test", "dataloader.evaluator"], ["test"]
     else:

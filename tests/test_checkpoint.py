@@ -130,10 +130,12 @@ def weights_server(tmp_path):
     server.server_close()
 
 
-def test_weights_url_is_downloaded_once_into_iopaths_cache(tmp_path, monkeypatch, weights_server):
+def test_weights_url_is_downloaded_once_into_iopaths_cache(
+    tmp_path, monkeypatch, weights_server, capsys
+):
     """check_weights (the launcher) downloads a URL into iopath's cache; the checkpointer (the
     workers) then loads that copy without a request. A missing file is named with the server's
-    answer."""
+    answer, and nothing else is written on stderr (the error is the one line)."""
     monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
     server, served = weights_server
     (served / "zoo").mkdir()
@@ -153,6 +155,7 @@ def test_weights_url_is_downloaded_once_into_iopaths_cache(tmp_path, monkeypatch
     assert str(e.value).startswith(
         f"IN '{server}/zoo/missing.pth' cannot be downloaded (HTTP Error 404: File not found); "
     )
+    assert capsys.readouterr().err == ""  # no progress bar of the failed download
 
 
 def test_atomic_open_leaves_the_old_file_when_the_write_fails(tmp_path):

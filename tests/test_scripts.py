@@ -124,6 +124,21 @@ def test_demo_bad_arguments(demo, tmp_path, capsys):
     assert capsys.readouterr().err == "demo.py: error: MODEL.WEIGHTS 'nope.pth' does not exist\n"
 
 
+def test_dump_proposals_set_up_mistake_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    dump_proposals = _load("dump_proposals.py")
+    argv = ["dump_proposals.py", "--config-file", SHAPES_FASTER, "--dataset", "no_such_dataset",
+            "--output", str(tmp_path / "p.pkl")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        dump_proposals.invoke_main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "dump_proposals.py: error: dataset 'no_such_dataset' is not registered with detectron2's "
+        "DatasetCatalog; register it before running (e.g. register_coco_instances) or use one of "
+        "libra_shapes_train/libra_shapes_val or detectron2's builtin names (coco_2017_*)"
+    ]
+
+
 def test_plot_curves_bad_arguments(plot_curves, tmp_path, capsys):
     assert _exit_code(plot_curves.main, []) == 2
     capsys.readouterr()

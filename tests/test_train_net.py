@@ -243,6 +243,18 @@ def test_setup_mistakes_are_one_line_errors(tmp_path, run_concurrently, one_line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_set_up_mistake_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    """train_net.py's command, in this process: argparse's exit status and error line."""
+    missing = tmp_path / "nope.yaml"
+    monkeypatch.setattr(sys, "argv", ["train_net.py", "--config-file", str(missing)])
+    with pytest.raises(SystemExit) as e:
+        train_net.invoke_main()
+    assert e.value.code == 2
+    assert (
+        capsys.readouterr().err == f"train_net.py: error: config file '{missing}' does not exist\n"
+    )
+
+
 def test_num_gpus_beyond_the_gpus_present(monkeypatch):
     """With CUDA, each worker takes one GPU; without, --num-gpus N on cpu runs N Gloo processes
     (tests/test_distributed.py)."""
