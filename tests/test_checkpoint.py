@@ -116,13 +116,17 @@ def test_cached_weights_urls_are_used_without_a_network(tmp_path, monkeypatch):
     )
 
 
+class _QuietHTTPRequestHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture
 def weights_server(tmp_path):
     """An HTTP server on localhost serving the folder ``tmp_path / "served"``: (url, folder)."""
     served = tmp_path / "served"
     served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
+    handler = functools.partial(_QuietHTTPRequestHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}", served
@@ -150,6 +154,7 @@ def test_weights_url_is_downloaded_once_into_iopaths_cache(
 
     monkeypatch.undo()
     monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
     with pytest.raises(SetupError) as e:
         check_weights(f"{server}/zoo/missing.pth", what="IN")
     assert str(e.value).startswith(
