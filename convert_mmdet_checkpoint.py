@@ -10,17 +10,14 @@ with the names of the ``configs/COCO-Detection/*_mmdet.yaml`` models. libra_d2's
 directly (``MODEL.WEIGHTS IN``); this file is for plain detectron2 tools.
 """
 
-# ruff: noqa: E402  (the warnings filter comes before the imports it is for)
 import argparse
 import os
 import pickle
 import sys
-import warnings
 
-# detectron2 compiles a few functions with torch.jit when imported; torch's deprecation notice
-# for that is addressed to detectron2, not to users of this script.
-warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+import libra_d2  # noqa: F401  (first: see libra_d2/__init__.py)
 
+# isort: split
 import torch
 from detectron2.utils.file_io import PathManager
 
@@ -40,12 +37,11 @@ def main(argv=None):
     if not args.output.endswith((".pth", ".pkl")):
         parser.error(f"OUT must end with .pth or .pkl, got '{args.output}'")
     try:
-        check_weights(args.input, what="IN")
+        local = check_weights(args.input, what="IN")
         check_output_dir(os.path.dirname(os.path.abspath(args.output)), what="OUT's folder")
     except SetupError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    try:
-        local = PathManager.get_local_path(args.input)
+    try:  # a .pkl passes check_weights, but is no torch.save file
         loaded = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises several types for files it cannot unpickle
         first_line = str(e).splitlines()[0] if str(e) else ""

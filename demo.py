@@ -10,31 +10,36 @@ Each input (a file or a glob pattern; several may be given) is written as ``<out
 with the detections above ``--confidence-threshold`` drawn by detectron2's ``Visualizer``, with the
 class names of the config's first test dataset. Before the model is built, every input must be
 an existing image file, the config, ``MODEL.DEVICE``, ``MODEL.WEIGHTS`` and ``--output`` must be
-usable (``libra_d2.checks.preflight``); a mistake is reported in one line (exit status 2). An image
+usable (``libra_d2.checks``); a mistake is reported in one line (exit status 2). An image
 whose data turns out unreadable while running is skipped with a warning; the exit status is 0 if
 at least one image was written.
 """
 
-# ruff: noqa: E402  (the warnings filter comes before the imports it is for)
 import argparse
 import glob
 import logging
 import os
 import sys
 import time
-import warnings
 
-# detectron2 compiles a few functions with torch.jit when imported; torch's deprecation notice
-# for that is addressed to detectron2, not to users of this script.
-warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+import libra_d2  # noqa: F401  (first: see libra_d2/__init__.py; registers its modules, datasets)
 
+# isort: split
 import cv2
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from libra_d2.checkpoint import LibraCheckpointer
-from libra_d2.checks import SetupError, check_image, preflight
+from libra_d2.checks import (
+    SetupError,
+    check_device,
+    check_image,
+    check_model,
+    check_output_dir,
+    check_weights,
+    load_config,
+)
 
 logger = logging.getLogger("libra_d2.demo")
 
@@ -68,7 +73,11 @@ def setup_cfg(args):
     """The config with the libra keys, the overrides and the confidence threshold, frozen, after
     the pre-flight checks of what the demo needs (no datasets: only their class names are used).
     """
-    cfg = preflight(args.config_file, args.opts, splits=(), output_dir=("--output", args.output))
+    cfg = load_config(args.config_file, args.opts)
+    check_device(cfg.MODEL.DEVICE)
+    check_output_dir(args.output, "--output")
+    check_weights(cfg.MODEL.WEIGHTS)
+    check_model(cfg)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = args.confidence_threshold

@@ -14,26 +14,29 @@ of the dataset is covered, including those without annotations. ``--num-gpus N``
 over N processes; the main process writes the file (atomically).
 """
 
-# ruff: noqa: E402  (the warnings filter comes before the imports it is for)
 import argparse
 import logging
 import os
-import sys
-import warnings
 
-# detectron2 compiles a few functions with torch.jit when imported; torch's deprecation notice
-# for that is addressed to detectron2, not to users of this script.
-warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+import libra_d2  # noqa: F401  (first: see libra_d2/__init__.py; registers its modules, datasets)
 
+# isort: split
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import launch
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-import libra_d2  # noqa: F401  (registers the libra_d2 modules and the libra_shapes datasets)
 from libra_d2.checkpoint import LibraCheckpointer
-from libra_d2.checks import SetupError, load_config, preflight
+from libra_d2.checks import (
+    SetupError,
+    check_datasets,
+    check_device,
+    check_model,
+    check_output_dir,
+    check_weights,
+    load_config,
+)
 from libra_d2.data.proposals import generate_proposals, merge_proposals, save_proposals
 
 logger = logging.getLogger("libra_d2.dump_proposals")
@@ -59,19 +62,13 @@ def get_parser():
     return parser
 
 
-def setup(args):
-    """The config of ``args`` (frozen), after the pre-flight checks of what dumping needs: the
-    device for ``--num-gpus`` processes, ``--output``'s folder, the dataset (only that one) and
-    the weights of a model with a proposal generator."""
-    folder = os.path.dirname(os.path.abspath(args.output))
-    cfg = preflight(
-        args.config_file,
-        args.opts or [],
-        splits=(),
-        datasets=(args.dataset,),
-        num_processes=args.num_gpus,
-        output_dir=("--output folder", folder),
-    )
+def check_setup(args):
+    """This script's pre-flight: the config, the device for ``--num-gpus`` processes,
+    ``--output``'s folder, the dataset (only that one) and the weights of a model with a proposal
+    generator. Raises SetupError."""
+    cfg = load_config(args.config_file, args.opts or [])
+    check_device(cfg.MODEL.DEVICE, args.num_gpus)
+    check_output_dir(os.path.dirname(os.path.abspath(args.output)), "--output folder")
     if os.path.isdir(args.output):
         raise SetupError(f"--output '{args.output}' is a folder; give the .pkl file to write")
     if cfg.MODEL.LOAD_PROPOSALS or cfg.MODEL.PROPOSAL_GENERATOR.NAME == "PrecomputedProposals":
@@ -79,13 +76,15 @@ def setup(args):
             f"{args.config_file} uses precomputed proposals (MODEL.LOAD_PROPOSALS / "
             "PrecomputedProposals): give the config of the RPN / Faster R-CNN to dump them from"
         )
-    cfg.freeze()
-    return cfg
+    check_datasets([args.dataset])
+    check_weights(cfg.MODEL.WEIGHTS)
+    check_model(cfg)
 
 
 def main(args):
     """Generate and save the proposals; returns the proposal dict (main process) or ``None``.
-    The checks of :func:`setup` are run once, by :func:`invoke_main`, before the workers start."""
+    The checks of :func:`check_setup` are run once, by :func:`invoke_main`, before the workers
+    start."""
     cfg = load_config(args.config_file, args.opts or [])
     cfg.freeze()
     for name in ("fvcore", "detectron2", "libra_d2"):
@@ -106,11 +105,12 @@ def main(args):
 
 
 def invoke_main() -> None:
-    args = get_parser().parse_args()
+    parser = get_parser()
+    args = parser.parse_args()
     try:
-        setup(args)  # one-line errors before any worker process starts
+        check_setup(args)  # one-line errors before any worker process starts
     except SetupError as e:
-        sys.exit(f"dump_proposals.py: error: {e}")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     launch(
         main,
         args.num_gpus,

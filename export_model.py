@@ -19,24 +19,29 @@ probabilities within ``--atol``; 1 if they differ or the check could not run (on
 missing).
 """
 
-# ruff: noqa: E402  (the warnings filter comes before the imports it is for)
 import argparse
 import logging
 import os
 import sys
 import warnings
 
-# detectron2 compiles a few functions with torch.jit when imported, and TorchScript is a format
-# asked for here: torch's deprecation notices for torch.jit are not news to users of this script.
-warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+import libra_d2  # noqa: F401  (first: see libra_d2/__init__.py; registers its modules, datasets)
 
+# isort: split
 import torch
 from detectron2.data import DatasetCatalog, detection_utils
 from detectron2.modeling import build_model
 
-import libra_d2  # noqa: F401  (registers the libra_d2 modules and the libra_shapes datasets)
 from libra_d2.checkpoint import LibraCheckpointer
-from libra_d2.checks import SetupError, check_image, preflight
+from libra_d2.checks import (
+    SetupError,
+    check_device,
+    check_image,
+    check_model,
+    check_output_dir,
+    check_weights,
+    load_config,
+)
 from libra_d2.data import ensure_shapes_dataset, is_shapes_dataset
 from libra_d2.export import (
     ONNX_OPSET,
@@ -155,8 +160,11 @@ def main(argv=None):
             raise SetupError(f"--atol must be >= 0, got {args.atol}")
         if args.format == "onnx":
             check_onnx_opset(args.opset)
-        output_dir = ("--output", args.output)
-        cfg = preflight(args.config_file, args.opts or [], splits=(), output_dir=output_dir)
+        cfg = load_config(args.config_file, args.opts or [])
+        check_device(cfg.MODEL.DEVICE)
+        check_output_dir(args.output, "--output")
+        check_weights(cfg.MODEL.WEIGHTS)
+        check_model(cfg)
         cfg.freeze()
         sample = args.sample_image or default_sample_image(cfg)
         image = read_sample(cfg, sample)
@@ -200,8 +208,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # The TorchScript-based ONNX exporter is a format asked for (torch.jit: see the imports): its
-    # deprecation notices are not news here.
+    # TorchScript, and the TorchScript-based ONNX exporter, are formats asked for here: torch's
+    # deprecation notices for torch.jit and that exporter are not news to users of this script.
+    warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
     # Python-side checks in detectron2's inference code; the exported model is compared with
     # eager inference below, which is what tells whether the trace is right.

@@ -14,21 +14,13 @@ LazyConfig, with overrides as in detectron2's tools/lazyconfig_train_net.py:
     ./train_net.py --config-file configs/libra_shapes/libra_faster_rcnn_R_18_FPN.py train.max_iter=9
 """
 
-# ruff: noqa: E402  (the warnings filter comes before the imports it is for)
 import logging
 import os
-import sys
-import warnings
 import weakref
 
-import numpy as np
+import libra_d2  # noqa: F401  (first: see libra_d2/__init__.py; registers its modules, datasets)
 
-# detectron2 compiles a few functions with torch.jit when imported; torch's deprecation notice
-# for that is addressed to detectron2, not to users of this script.
-warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
-# Likewise detectron2's model_zoo (LazyConfig files) imports the deprecated pkg_resources.
-warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
-
+# isort: split
 import detectron2.utils.comm as comm
 from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
@@ -53,16 +45,20 @@ from detectron2.evaluation import (
     verify_results,
 )
 from detectron2.utils.logger import setup_logger
+from omegaconf import OmegaConf
 
-import libra_d2  # noqa: F401  (importing libra_d2 registers its modules and datasets)
 from libra_d2.checkpoint import LibraCheckpointer
 from libra_d2.checks import (
     SetupError,
+    check_datasets,
+    check_device,
+    check_model,
+    check_output_dir,
+    check_proposals,
+    check_weights,
     is_lazy_config,
     load_config,
     load_lazy_config,
-    preflight,
-    preflight_lazy,
 )
 
 
@@ -107,11 +103,7 @@ class Trainer(DefaultTrainer):
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         if evaluator_type == "coco":
             return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
-        if evaluator_type == "lvis":
-            if not hasattr(np, "float"):
-                # lvis 0.5.3, the latest release, casts with np.float, an alias of float that
-                # numpy 1.24 removed (fixed on lvis-api's main branch, unreleased)
-                np.float = float
+        if evaluator_type == "lvis":  # lvis 0.5.3 with numpy >= 1.24: libra_d2/evaluation.py
             return LVISEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
         if evaluator_type == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
@@ -126,7 +118,10 @@ def _ddp_device(device):
 
 
 def lazy_test(cfg, model):
-    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
+    """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``; ``None``
+    (no evaluation) for a config without an evaluator, as in detectron2's lazyconfig_train_net."""
+    if "evaluator" not in cfg.dataloader:
+        return None
     results = inference_on_dataset(
         model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
     )
@@ -206,22 +201,68 @@ def main(args):
     return trainer.train()
 
 
+def check_setup(args):
+    """
+    This script's pre-flight, in the launching process: the config file and overrides, the
+    device for ``--num-gpus`` processes, the output folder, the datasets (to evaluate: the test
+    sets only) with their proposal files, the initial weights and the model's own config checks.
+
+    Raises:
+        SetupError: the first problem found, in one line.
+    """
+    if is_lazy_config(args.config_file):
+        return _check_lazy_setup(args)
+    cfg = load_config(args.config_file, args.opts)
+    check_device(cfg.MODEL.DEVICE, args.num_gpus)
+    check_output_dir(cfg.OUTPUT_DIR)
+    splits = ("TEST",) if args.eval_only else ("TRAIN", "TEST")
+    if not cfg.DATASETS[splits[0]]:
+        raise SetupError(
+            f"DATASETS.{splits[0]} is empty; name the datasets to use, e.g. "
+            f"DATASETS.{splits[0]} \"('my_dataset',)\""
+        )
+    check_datasets([name for split in splits for name in cfg.DATASETS[split]])
+    check_proposals(cfg, splits)
+    check_weights(cfg.MODEL.WEIGHTS)
+    check_model(cfg)
+
+
+def _check_lazy_setup(args):
+    """:func:`check_setup` of a LazyConfig file (detectron2's ``configs/common/train.py`` keys)."""
+    cfg = load_lazy_config(args.config_file, args.opts)
+    evaluates = "evaluator" in cfg.get("dataloader", {})  # as lazy_test decides
+    if args.eval_only:
+        needed, loaders = ["model", "train", "dataloader.test", "dataloader.evaluator"], ["test"]
+    else:
+        needed = ["model", "train", "dataloader.train", "optimizer", "lr_multiplier"]
+        needed += ["dataloader.test"] if evaluates else []
+        loaders = ["train", "test"] if evaluates else ["train"]
+    for key in needed:
+        if OmegaConf.select(cfg, key, default=None) is None:
+            raise SetupError(
+                f"{args.config_file} has no '{key}', which train_net.py needs "
+                "(see detectron2's configs/common/train.py and configs/COCO-Detection/*.py)"
+            )
+    check_device(cfg.train.device, args.num_gpus, "train.device")
+    check_output_dir(cfg.train.output_dir, "train.output_dir")
+    # Loaders built from dataset names (detectron2's get_detection_dataset_dicts); a loader of
+    # the user's own dataset function is left to it.
+    groups = [OmegaConf.select(cfg, f"dataloader.{s}.dataset.names") for s in loaders]
+    groups = [[g] if isinstance(g, str) else list(g) for g in groups if g is not None]
+    check_datasets([name for group in groups for name in group])
+    check_weights(cfg.train.init_checkpoint, "train.init_checkpoint")
+    check_model(cfg)
+
+
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    args = parser.parse_args()
     print("Command Line Args:", args)
     setup_logger(name="libra_d2")  # progress of the pre-flight checks (e.g. dataset generation)
     try:
-        # One-line errors for set-up mistakes, before any worker process starts. Evaluation
-        # reads only the test sets.
-        if is_lazy_config(args.config_file):
-            preflight_lazy(
-                args.config_file, args.opts, eval_only=args.eval_only, num_processes=args.num_gpus
-            )
-        else:
-            splits = ("TEST",) if args.eval_only else ("TRAIN", "TEST")
-            preflight(args.config_file, args.opts, splits=splits, num_processes=args.num_gpus)
+        check_setup(args)
     except SetupError as e:
-        sys.exit(f"train_net.py: error: {e}")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     launch(
         main,
         args.num_gpus,

@@ -121,10 +121,10 @@ def _run_concurrently(commands, env=None, cwd=None, timeout=300):
 
 def _one_line_error(result, prog):
     """The single stderr line of a command that stopped on a set-up mistake: the exit status is
-    non-zero, stderr is exactly one ``<prog>: error: ...`` line and holds no traceback."""
+    argparse's 2, stderr is exactly one ``<prog>: error: ...`` line and holds no traceback."""
     returncode, _, err = result
     lines = err.strip().splitlines()
-    assert returncode != 0 and "Traceback" not in err, err
+    assert returncode == 2 and "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
     return lines[0]
 

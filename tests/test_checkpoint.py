@@ -1,11 +1,14 @@
 """Checkpoints you can trust: no code execution on load, atomic saves, resume after SIGKILL."""
 
+import functools
+import http.server
 import json
 import os
 import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +21,7 @@ from torch import nn
 
 import train_net
 from libra_d2.checkpoint import LibraCheckpointer, UnsafeCheckpointError
-from libra_d2.checks import SetupError, check_weights, weights_url
+from libra_d2.checks import SetupError, check_weights
 from libra_d2.files import atomic_open
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +51,14 @@ def test_crafted_pickle_is_refused_without_running_it(tmp_path, suffix):
         pickle.dump({"model": {"0.weight": _Payload(marker)}, "__author__": "x"}, f)
     with pytest.raises((UnsafeCheckpointError, pickle.UnpicklingError)):
         LibraCheckpointer(_model()).load(str(path))
-    if suffix == ".pth":  # not a torch.save file; check_weights does not read a .pkl's content
-        with pytest.raises(SetupError, match="not a readable checkpoint"):
-            check_weights(str(path))
+    with pytest.raises(SetupError) as e:  # the pre-flight refuses it as well
+        check_weights(str(path))
+    reason = {
+        ".pkl": "UnsafeCheckpointError: refusing to load 'posix.system': checkpoints may only "
+        "hold tensors, numpy arrays and plain containers",
+        ".pth": "UnpicklingError: Weights only load failed",
+    }[suffix]
+    assert str(e.value) == f"MODEL.WEIGHTS '{path}' is not a readable checkpoint ({reason})"
     assert not marker.exists()
 
 
@@ -83,26 +91,76 @@ def test_detectron2_pkl_and_own_pth_still_load(tmp_path):
     check_weights(str(tmp_path / "model_0000009.pth"))
 
 
-def test_cached_weights_urls_are_checked_without_a_network(tmp_path, monkeypatch):
-    """detectron2:// and http(s) weights in detectron2's download cache (FVCORE_CACHE) are checked
-    as local files, where detectron2 itself finds them, and no request is made."""
+def _no_network(*args, **kwargs):
+    raise AssertionError("the network was used")
+
+
+def test_cached_weights_urls_are_used_without_a_network(tmp_path, monkeypatch):
+    """detectron2:// and http(s) weights in iopath's download cache (FVCORE_CACHE) are loaded
+    from there, where detectron2 itself finds them, and no request is made."""
     monkeypatch.setenv("FVCORE_CACHE", str(tmp_path))
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("the network was used")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
     url = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
-    assert weights_url(url) == "https://dl.fbaipublicfiles.com/detectron2/" + url[13:]
     cached = tmp_path / "detectron2" / "ImageNetPretrained" / "MSRA" / "R-50.pkl"
     cached.parent.mkdir(parents=True)
     with open(cached, "wb") as f:
         pickle.dump({"conv_w": np.ones((4, 3, 3, 3), dtype=np.float32)}, f, protocol=2)
-    check_weights(url)
+    assert check_weights(url) == str(cached)
     assert PathManager.get_local_path(url) == str(cached)  # detectron2's own resolution
     cached.write_bytes(b"\x80\x02truncated")
-    with pytest.raises(SetupError, match=r"cached as '.*R-50\.pkl'\) is not a readable"):
+    with pytest.raises(SetupError) as e:
         check_weights(url)
+    assert str(e.value) == (
+        f"MODEL.WEIGHTS '{url}' (cached as '{cached}') is not a readable checkpoint "
+        "(UnpicklingError: could not find MARK)"
+    )
+
+
+class _QuietHTTPRequestHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def weights_server(tmp_path):
+    """An HTTP server on localhost serving the folder ``tmp_path / "served"``: (url, folder)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(_QuietHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", served
+    server.shutdown()
+    server.server_close()
+
+
+def test_weights_url_is_downloaded_once_into_iopaths_cache(
+    tmp_path, monkeypatch, weights_server, capsys
+):
+    """check_weights (the launcher) downloads a URL into iopath's cache; the checkpointer (the
+    workers) then loads that copy without a request. A missing file is named with the server's
+    answer, and nothing else is written on stderr (the error is the one line)."""
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    server, served = weights_server
+    (served / "zoo").mkdir()
+    ref = _model()
+    torch.save({"model": ref.state_dict()}, served / "zoo" / "w.pth")
+    url = f"{server}/zoo/w.pth"
+    assert check_weights(url) == str(tmp_path / "cache" / "zoo" / "w.pth")
+    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    LibraCheckpointer(model).load(url)
+    torch.testing.assert_close(model[0].weight, ref[0].weight)
+
+    monkeypatch.undo()
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    with pytest.raises(SetupError) as e:
+        check_weights(f"{server}/zoo/missing.pth", what="IN")
+    assert str(e.value).startswith(
+        f"IN '{server}/zoo/missing.pth' cannot be downloaded (HTTP Error 404: File not found); "
+    )
+    assert capsys.readouterr().err == ""  # no progress bar of the failed download
 
 
 def test_atomic_open_leaves_the_old_file_when_the_write_fails(tmp_path):

@@ -302,7 +302,7 @@ def test_libra_fast_rcnn_trains_on_dumped_proposals(tiny_train, short_run, tmp_p
     with open(path, "rb") as f:
         assert pickle.load(f)["ids"] == dumped["ids"]
     with pytest.raises(SetupError, match="precomputed proposals"):
-        dump_proposals.setup(dump_proposals.get_parser().parse_args(
+        dump_proposals.check_setup(dump_proposals.get_parser().parse_args(
             ["--config-file", LIBRA_FAST_RCNN, "--dataset", tiny_train, "--output", str(path)]
         ))  # fmt: skip
 

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,6 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES_LIBRA = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
 SHAPES_FASTER = str(ROOT / "configs" / "libra_shapes" / "faster_rcnn_R_18_FPN.yaml")
 UNREACHABLE = "https://weights.invalid/libra.pth"  # the .invalid domain never resolves
+
+
+def unreachable_error(what, cache):
+    """A regex of the whole error for UNREACHABLE as the option ``what``; the reason (a DNS
+    error) depends on the machine's network."""
+    return (
+        re.escape(f"{what} '{UNREACHABLE}' cannot be downloaded (")
+        + r"\[Errno -?\d+\] [^()]+"
+        + re.escape(
+            f"); download it where there is access and give the local file as {what}, or put "
+            f"it in iopath's download cache '{cache}' (moved by FVCORE_CACHE) under the URL's "
+            "path, where it is used offline"
+        )
+    )
 
 
 def _load(relpath):
@@ -73,36 +88,67 @@ def test_help_in_process(script, request, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+def _last_line(capsys):
+    """The last stderr line (argparse's own errors come after a usage message)."""
+    return capsys.readouterr().err.splitlines()[-1]
+
+
 def test_plot_sampling_bad_arguments(plot_sampling, capsys):
     assert _exit_code(plot_sampling.main, ["--num-images", "0"]) == 2
-    assert "must be >= 1" in capsys.readouterr().err
+    assert _last_line(capsys) == (
+        "plot_sampling.py: error: argument --num-images: must be >= 1, got 0"
+    )
     argv = ["--config-file", SHAPES_LIBRA, "--dataset", "no_such_dataset"]
     assert _exit_code(plot_sampling.main, argv) == 2
-    assert "not registered" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "plot_sampling.py: error: dataset 'no_such_dataset' is not registered with detectron2's "
+        "DatasetCatalog\n"
+    )
     argv = ["--config-file", SHAPES_LIBRA, "MODEL.NO_SUCH_KEY", "1"]
     assert _exit_code(plot_sampling.main, argv) == 2
-    assert "NO_SUCH_KEY" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "plot_sampling.py: error: command-line override ['MODEL.NO_SUCH_KEY', '1']: "
+        "Non-existent key: MODEL.NO_SUCH_KEY\n"
+    )
 
 
 def test_demo_bad_arguments(demo, tmp_path, capsys):
     assert _exit_code(demo.main, ["--input", "x.png", "--output", str(tmp_path)]) == 2
-    assert "--config-file" in capsys.readouterr().err
+    assert _last_line(capsys) == (
+        "demo.py: error: the following arguments are required: --config-file"
+    )
     argv = ["--config-file", SHAPES_LIBRA, "--input", "x.png", "--output", str(tmp_path)]
     assert _exit_code(demo.main, argv + ["--confidence-threshold", "2"]) == 2
-    assert "confidence-threshold" in capsys.readouterr().err
+    assert _last_line(capsys) == "demo.py: error: --confidence-threshold must be in [0, 1], got 2.0"
     assert _exit_code(demo.main, argv + ["--opts", "MODEL.WEIGHTS", "nope.pth"]) == 2
-    assert "nope.pth" in capsys.readouterr().err
+    assert capsys.readouterr().err == "demo.py: error: MODEL.WEIGHTS 'nope.pth' does not exist\n"
+
+
+def test_dump_proposals_set_up_mistake_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    dump_proposals = _load("dump_proposals.py")
+    argv = ["dump_proposals.py", "--config-file", SHAPES_FASTER, "--dataset", "no_such_dataset",
+            "--output", str(tmp_path / "p.pkl")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        dump_proposals.invoke_main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "dump_proposals.py: error: dataset 'no_such_dataset' is not registered with detectron2's "
+        "DatasetCatalog; register it before running (e.g. register_coco_instances) or use one of "
+        "libra_shapes_train/libra_shapes_val or detectron2's builtin names (coco_2017_*)"
+    ]
 
 
 def test_plot_curves_bad_arguments(plot_curves, tmp_path, capsys):
     assert _exit_code(plot_curves.main, []) == 2
+    capsys.readouterr()
     assert _exit_code(plot_curves.main, [str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert _last_line(capsys) == f"plot_curves.py: error: {tmp_path / 'missing'} does not exist"
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "metrics.json").write_text('{"iteration": 0, "total_loss": 1.0}\n')
     argv = [str(tmp_path / "a"), "--labels", "x", "y"]
     assert _exit_code(plot_curves.main, argv) == 2
-    assert "2 labels for 1 runs" in capsys.readouterr().err
+    assert _last_line(capsys) == "plot_curves.py: error: --labels: got 2 labels for 1 runs"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +187,10 @@ def test_plot_sampling_random_init(plot_sampling, tiny_val, tmp_path, caplog, ca
     ]  # fmt: skip
     with caplog.at_level(logging.WARNING):
         assert plot_sampling.main(argv) == 0
-    assert "randomly initialised" in caplog.text
+    assert caplog.messages == [
+        "MODEL.WEIGHTS is empty: the proposals come from a randomly initialised RPN; pass "
+        "MODEL.WEIGHTS path/to/model_final.pth to see a trained model's proposals"
+    ]
     assert png.stat().st_size > 0
     res = json.loads(js.read_text())
     assert res["num_images"] == 2
@@ -164,7 +213,7 @@ def test_demo_writes_images(demo, shapes_dataset, tmp_path, caplog):
     ]  # fmt: skip
     with caplog.at_level(logging.WARNING):
         assert demo.main(argv) == 0
-    assert "randomly initialised" in caplog.text
+    assert "MODEL.WEIGHTS is empty: the detector is randomly initialised" in caplog.messages
     assert sorted(p.name for p in out.iterdir()) == sorted(p.stem + ".png" for p in images)
 
 
@@ -206,18 +255,27 @@ def test_scripts_report_setup_mistakes_in_one_line_and_use_cached_weights_offlin
         name: one_line_error(result, Path(cmd[1]).name)
         for (name, cmd), result in zip(cases.items(), results)
     }
-    for name in ("demo_url", "export_url", "dump_url"):
-        assert f"MODEL.WEIGHTS '{UNREACHABLE}' cannot be downloaded (" in line[name]
-        assert "give the local file as MODEL.WEIGHTS" in line[name]
-        assert f"put it at '{cache / 'libra.pth'}'" in line[name]
-    assert f"IN '{UNREACHABLE}' cannot be downloaded (" in line["convert_url"]
-    assert f"image '{tmp_path / 'photo.jpg'}' does not exist" in line["demo_missing"]
-    assert "text.jpg' is not a readable image file" in line["demo_not_image"]
-    assert f"--output '{tmp_path / 'a_file'}' cannot be created" in line["demo_output"]
+    for name in ("demo_url", "export_url", "dump_url", "convert_url"):
+        prog = Path(cases[name][1]).name
+        what = "IN" if name == "convert_url" else "MODEL.WEIGHTS"
+        pattern = re.escape(f"{prog}: error: ") + unreachable_error(what, cache)
+        assert re.fullmatch(pattern, line[name]), line[name]
+    assert line["demo_missing"] == (
+        f"demo.py: error: image '{tmp_path / 'photo.jpg'}' does not exist; check the path "
+        "(quote glob patterns)"
+    )
+    assert line["demo_not_image"] == (
+        f"demo.py: error: '{tmp_path / 'text.jpg'}' is not a readable image file "
+        "(UnidentifiedImageError); give a JPEG or PNG file"
+    )
+    assert line["demo_output"] == (
+        f"demo.py: error: --output '{tmp_path / 'a_file'}' cannot be created or written to "
+        "(File exists); point it to a writable folder"
+    )
 
     returncode, _, err = results[-1]
     assert returncode == 0, err
-    assert f"URL {cached_url} cached in {cached}" in err  # iopath's log line
+    assert f"INFO libra_d2.checks: MODEL.WEIGHTS '{cached_url}' is '{cached}'" in err.splitlines()
     assert "randomly initialised" not in err
     assert (tmp_path / "drawn" / (Path(image).stem + ".png")).is_file()
 
