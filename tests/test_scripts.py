@@ -22,7 +22,7 @@ from libra_d2.checks import load_config
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_LIBRA = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
 SHAPES_FASTER = str(ROOT / "configs" / "libra_shapes" / "faster_rcnn_R_18_FPN.yaml")
-UNREACHABLE = "https://weights.invalid/libra.pth"  # the .invalid domain never resolves
+UNREACHABLE = "http://127.0.0.1:9/libra.pth"  # a closed local port: refused at once, no DNS
 
 
 def unreachable_error(what, cache):

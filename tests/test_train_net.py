@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRA_SHAPES = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
 LAZY_SHAPES = LIBRA_SHAPES.replace(".yaml", ".py")
 MMDET_R50 = str(ROOT / "configs" / "COCO-Detection" / "libra_faster_rcnn_R_50_FPN_1x_mmdet.yaml")
-UNREACHABLE = "https://weights.invalid/libra.pth"  # the .invalid domain never resolves
+UNREACHABLE = "http://127.0.0.1:9/libra.pth"  # a closed local port: refused at once, no DNS
 NOT_REGISTERED = (
     "dataset '{}' is not registered with detectron2's DatasetCatalog; register it before running "
     "(e.g. register_coco_instances) or use one of libra_shapes_train/libra_shapes_val or "
@@ -178,10 +178,10 @@ def test_invalid_libra_value_fails_before_training():
 
 
 def test_setup_mistakes_are_one_line_errors(tmp_path, run_concurrently, one_line_error):
-    """Through the real command: exit status non-zero, one stderr line, no traceback, the value
+    """Through the real command: exit status 2, one stderr line, no traceback, the value
     and the fix named, before any worker starts. The official-weights first run, as users do it:
-    evaluation with only a test set present and the weights URL unreachable (the .invalid domain
-    never resolves)."""
+    evaluation with only a test set present and the weights URL unreachable (a closed local
+    port)."""
     (tmp_path / "a_file").write_text("")
     cache = tmp_path / "cache"
     env = {**os.environ, "FVCORE_CACHE": str(cache)}
