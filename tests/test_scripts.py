@@ -16,27 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.modeling import build_model
+from test_train_net import UNREACHABLE, unreachable_error
 
 from libra_d2.checks import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_LIBRA = str(ROOT / "configs" / "libra_shapes" / "libra_faster_rcnn_R_18_FPN.yaml")
 SHAPES_FASTER = str(ROOT / "configs" / "libra_shapes" / "faster_rcnn_R_18_FPN.yaml")
-UNREACHABLE = "http://127.0.0.1:9/libra.pth"  # a closed local port: refused at once, no DNS
-
-
-def unreachable_error(what, cache):
-    """A regex of the whole error for UNREACHABLE as the option ``what``; the reason (a DNS
-    error) depends on the machine's network."""
-    return (
-        re.escape(f"{what} '{UNREACHABLE}' cannot be downloaded (")
-        + r"\[Errno -?\d+\] [^()]+"
-        + re.escape(
-            f"); download it where there is access and give the local file as {what}, or put "
-            f"it in iopath's download cache '{cache}' (moved by FVCORE_CACHE) under the URL's "
-            "path, where it is used offline"
-        )
-    )
 
 
 def _load(relpath):

@@ -33,8 +33,8 @@ NOT_REGISTERED = (
 
 
 def unreachable_error(what, cache):
-    """A regex of the whole error for UNREACHABLE as the option ``what``; the reason (a DNS
-    error) depends on the machine's network."""
+    """A regex of the whole error for UNREACHABLE as the option ``what``; the reason (e.g.
+    "[Errno 111] Connection refused") depends on the machine."""
     return (
         re.escape(f"{what} '{UNREACHABLE}' cannot be downloaded (")
         + r"\[Errno -?\d+\] [^()]+"
