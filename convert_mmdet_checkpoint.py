@@ -21,7 +21,7 @@ import libra_d2  # noqa: F401  (first: see libra_d2/__init__.py)
 import torch
 from detectron2.utils.file_io import PathManager
 
-from libra_d2.checks import SetupError, check_output_dir, check_weights
+from libra_d2.checks import SetupError, check_output_dir, fetch_weights
 from libra_d2.mmdet_checkpoint import (
     MMDetCheckpointError,
     convert_mmdet_state_dict,
@@ -37,11 +37,11 @@ def main(argv=None):
     if not args.output.endswith((".pth", ".pkl")):
         parser.error(f"OUT must end with .pth or .pkl, got '{args.output}'")
     try:
-        local = check_weights(args.input, what="IN")
+        local = fetch_weights(args.input, what="IN")
         check_output_dir(os.path.dirname(os.path.abspath(args.output)), what="OUT's folder")
     except SetupError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    try:  # a .pkl passes check_weights, but is no torch.save file
+    try:
         loaded = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises several types for files it cannot unpickle
         first_line = str(e).splitlines()[0] if str(e) else ""

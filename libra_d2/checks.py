@@ -167,13 +167,10 @@ def check_proposals(cfg, splits):
         raise SetupError(str(e)) from None
 
 
-def check_weights(path, what="MODEL.WEIGHTS"):
-    """Fetch the weights ``path`` (the value of the option ``what``) with detectron2's
-    ``PathManager``, which downloads a URL once into iopath's cache (where the workers find it; a
-    cached file needs no network), load them (``.pkl``: :func:`safe_load_pickle`, others:
-    ``torch.load(weights_only=True)``) and return the local path (``""`` for no weights)."""
-    if not path:
-        return ""
+def fetch_weights(path, what="MODEL.WEIGHTS"):
+    """The local file of the weights ``path`` (the value of the option ``what``), through
+    detectron2's ``PathManager``, which downloads a URL once into iopath's cache (where the
+    workers find it; a cached file needs no network)."""
     iopath_logger = logging.getLogger("iopath")
     level = iopath_logger.level
     try:  # quiet: iopath logs a failed download, and draws its progress on stderr
@@ -195,6 +192,16 @@ def check_weights(path, what="MODEL.WEIGHTS"):
         raise SetupError(f"{label} does not exist")
     if local != path:
         logger.info(f"{what} '{path}' is '{local}'")
+    return local
+
+
+def check_weights(path, what="MODEL.WEIGHTS"):
+    """:func:`fetch_weights`, then load them (``.pkl``: :func:`safe_load_pickle`, others:
+    ``torch.load(weights_only=True)``); returns the local path (``""`` for no weights)."""
+    if not path:
+        return ""
+    local = fetch_weights(path, what)
+    label = f"{what} '{path}'" + (f" (cached as '{local}')" if local != path else "")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles before failing
             warnings.simplefilter("ignore")
