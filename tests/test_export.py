@@ -28,7 +28,12 @@ from libra_d2.export import (
     run_eager,
     run_onnx,
 )
-from libra_d2.modeling import BalancedFPN, BalancedL1FastRCNNOutputLayers, IoUBalancedROIHeads
+from libra_d2.modeling import (
+    BalancedFPN,
+    BalancedL1FastRCNNOutputLayers,
+    IoUBalancedROIHeads,
+    LibraRPN,
+)
 from libra_d2.modeling.bfp import NonLocal2d
 
 CONFIG = os.path.join(
@@ -126,6 +131,40 @@ def test_torchscript_save_load_round_trip(torchscript_export, val_images):
     for image in val_images[0]:
         with torch.no_grad():
             _assert_same_detections(run_eager(adapter, image), detections(adapter, loaded(image)))
+
+
+def test_scripted_model_matches_eager(model, val_images):
+    """The whole Libra Faster R-CNN (BFP, LibraRPN, IoU-balanced heads with balanced L1) scripts
+    the way detectron2 scripts its own R-CNNs, and the script gives the eager detections."""
+    from detectron2.export import scripting_with_instances
+
+    assert isinstance(model.proposal_generator, LibraRPN)
+    fields = {"proposal_boxes": Boxes, "objectness_logits": torch.Tensor}
+    fields.update(pred_boxes=Boxes, scores=torch.Tensor, pred_classes=torch.Tensor)
+    scripted = scripting_with_instances(model, fields)
+    for image in val_images[0]:
+        with torch.no_grad():
+            (expected,) = model.inference([{"image": image}], do_postprocess=False)
+            (actual,) = scripted.inference([{"image": image}], do_postprocess=False)
+        _assert_same_detections(expected, actual, atol=0)
+
+
+def test_libra_rpn_scripts_like_detectrons_rpn(model, val_images):
+    """torch.jit.script of the RPN on its own compiles its training branch too: LibraRPN keeps
+    the @torch.jit.unused marker of the methods it overrides there."""
+    from detectron2.export.torchscript_patch import patch_instances
+
+    rpn = model.proposal_generator
+    with patch_instances({"proposal_boxes": Boxes, "objectness_logits": torch.Tensor}):
+        scripted = torch.jit.script(rpn)
+    images = model.preprocess_image([{"image": val_images[0][0]}])
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+        (expected,), _ = rpn(images, features)
+        (actual,), _ = scripted(images, features)
+    assert len(expected) == rpn.post_nms_topk[False] and len(actual) == len(expected)
+    assert torch.equal(actual.proposal_boxes.tensor, expected.proposal_boxes.tensor)
+    assert torch.equal(actual.objectness_logits, expected.objectness_logits)
 
 
 def test_trace_requires_eval_mode(model, val_images):

@@ -1,6 +1,7 @@
 """Balanced Feature Pyramid (Libra R-CNN, Pang et al., CVPR 2019, arXiv 1904.02701, Sec. 3.2)."""
 
-from typing import List, Sequence
+import types
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +63,11 @@ class NonLocal2d(nn.Module):
         # (N, C, H, W) -> (N, 1, H*W, C): one attention head over the spatial positions; the
         # 1x1 convs applied as F.linear on the tokens give contiguous query / key / value.
         tokens = x.flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
-
-        def conv1x1(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
-            return F.linear(t, conv.weight.flatten(1), conv.bias)
-
-        q, k, v = (conv1x1(m, tokens) for m in (self.theta, self.phi, self.g))
-        y = conv1x1(self.conv_out, F.scaled_dot_product_attention(q, k, v, scale=1.0))
+        q = F.linear(tokens, self.theta.weight.flatten(1), self.theta.bias)
+        k = F.linear(tokens, self.phi.weight.flatten(1), self.phi.bias)
+        v = F.linear(tokens, self.g.weight.flatten(1), self.g.bias)
+        y = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        y = F.linear(y, self.conv_out.weight.flatten(1), self.conv_out.bias)
         # (N, 1, H*W, C) -> (N, C, H, W)
         return x + y.squeeze(1).transpose(1, 2).reshape(n, c, h, w)
 
@@ -90,14 +90,15 @@ class _MaxPoolTo(torch.autograd.Function):
         return grad_x.view(n, c, h, w), None
 
 
-def _max_pool_to(x: torch.Tensor, size) -> torch.Tensor:
+def _max_pool_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
     """
     ``F.adaptive_max_pool2d(x, size)``, same values and gradient. When ``x`` needs a gradient, the
     backward keeps only the indices, so a pyramid level gathered this way is not held twice (as
     the FPN output here and the BFP output in the heads) until the backward.
     """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _MaxPoolTo.apply(x, tuple(size))
+    if not torch.jit.is_scripting():  # TorchScript has no autograd.Function
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _MaxPoolTo.apply(x, tuple(size))
     return F.adaptive_max_pool2d(x, size)
 
 
@@ -164,7 +165,7 @@ class BalancedFeaturePyramid(nn.Module):
         else:
             self.refine = nn.Identity()
 
-    def forward(self, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
         """inputs: L tensors (N, C, H_i, W_i), fine to coarse -> list of L tensors, same shapes."""
         refine_hw = inputs[self.refine_level].shape[-2:]
 
@@ -177,7 +178,10 @@ class BalancedFeaturePyramid(nn.Module):
                 gathered.append(F.interpolate(x, size=refine_hw, mode="nearest"))
             else:
                 gathered.append(x)
-        bsf = sum(gathered) / self.num_levels
+        bsf = gathered[0]
+        for g in gathered[1:]:
+            bsf = bsf + g
+        bsf = bsf / self.num_levels
 
         # 2. refine
         bsf = self.refine(bsf)
@@ -221,6 +225,12 @@ class BalancedFPN(FPN):
             channels.pop(), len(self._out_features), refine_level, refine_type
         )
 
+    # FPN.forward as a method of its own name: TorchScript has no super() and names a compiled
+    # method after its function.
+    _fpn_forward = types.FunctionType(
+        FPN.forward.__code__, FPN.forward.__globals__, "_fpn_forward"
+    )
+
     def forward(self, x):
         """
         Args:
@@ -230,9 +240,9 @@ class BalancedFPN(FPN):
             dict[str -> Tensor]: FPN feature name (e.g. "p2") -> balanced feature ``(N, C', H_i,
             W_i)``, the same keys and shapes as :meth:`FPN.forward`.
         """
-        features = super().forward(x)
+        features = self._fpn_forward(x)
         balanced = self.bfp([features[f] for f in self._out_features])
-        return dict(zip(self._out_features, balanced))
+        return {f: b for f, b in zip(self._out_features, balanced)}
 
 
 def _build_resnet_bfp(cfg, input_shape, top_block_fn):

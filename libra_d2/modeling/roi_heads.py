@@ -55,6 +55,13 @@ class LibraROIHeads(StandardROIHeads):
     Everything else (pooler, box head, sampling, mask/keypoint heads) is detectron2's.
     """
 
+    # What detectron2's scripting patch declares on StandardROIHeads, so that TorchScript compiles
+    # only the heads that are on. TorchScript reads the annotations of the nearest class that has
+    # some, and detectron2's scripting gives each class a "training" one: every subclass repeats
+    # these two lines.
+    mask_on: torch.jit.Final[bool]
+    keypoint_on: torch.jit.Final[bool]
+
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
@@ -88,6 +95,9 @@ class IoUBalancedROIHeads(LibraROIHeads):
     ``roi_head/num_fg_samples`` and ``roi_head/num_bg_samples`` are still stored, and
     ``roi_head/neg_mean_iou`` (mean max-IoU of the sampled negatives) is added.
     """
+
+    mask_on: torch.jit.Final[bool]  # see LibraROIHeads
+    keypoint_on: torch.jit.Final[bool]
 
     @configurable
     def __init__(

@@ -9,10 +9,12 @@ recipe, not one of the paper's three components.
 """
 
 import math
+from typing import Dict, List
 
 import torch
 from detectron2.config import configurable
 from detectron2.layers import nonzero_tuple
+from detectron2.structures import Boxes
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
 
 from ..config import check_range
@@ -75,7 +77,15 @@ class LibraRPN(RPN):
                 label[neg[torch.randperm(neg.numel(), device=neg.device)[cap:]]] = -1
         return label
 
-    def losses(self, anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes):
+    @torch.jit.unused
+    def losses(
+        self,
+        anchors: List[Boxes],
+        pred_objectness_logits: List[torch.Tensor],
+        gt_labels: List[torch.Tensor],
+        pred_anchor_deltas: List[torch.Tensor],
+        gt_boxes: List[torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
         """
         detectron2's ``RPN.losses`` (same arguments; ``gt_labels`` are N int tensors ``(R,)`` of
         -1 / 0 / 1), divided by the sampled-anchor count when ``loss_normalizer`` is
