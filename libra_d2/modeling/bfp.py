@@ -227,9 +227,7 @@ class BalancedFPN(FPN):
 
     # FPN.forward as a method of its own name: TorchScript has no super() and names a compiled
     # method after its function.
-    _fpn_forward = types.FunctionType(
-        FPN.forward.__code__, FPN.forward.__globals__, "_fpn_forward"
-    )
+    _fpn_forward = types.FunctionType(FPN.forward.__code__, FPN.forward.__globals__, "_fpn_forward")
 
     def forward(self, x):
         """

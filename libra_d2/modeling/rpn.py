@@ -14,8 +14,8 @@ from typing import Dict, List
 import torch
 from detectron2.config import configurable
 from detectron2.layers import nonzero_tuple
-from detectron2.structures import Boxes
 from detectron2.modeling.proposal_generator import PROPOSAL_GENERATOR_REGISTRY, RPN
+from detectron2.structures import Boxes
 
 from ..config import check_range
 
