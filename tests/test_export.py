@@ -21,6 +21,7 @@ from torch import nn
 import export_model
 from libra_d2.checks import load_config
 from libra_d2.deploy import (
+    compile_aoti,
     export_onnx_dynamo,
     export_program,
     fast_rcnn_inference_single_image,
@@ -286,45 +287,49 @@ def test_onnx_rejects_old_opset(model, val_images, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # export_model.py
 # ---------------------------------------------------------------------------------------------
-def _comparison_log(caplog):
-    """The line in which export_model.py reports the exported vs eager comparison."""
-    (line,) = [r.getMessage() for r in caplog.records if "vs eager" in r.getMessage()]
-    return line
+def _comparison_logs(caplog):
+    """The lines in which export_model.py reports the exported vs eager comparisons."""
+    return [r.getMessage() for r in caplog.records if "vs eager" in r.getMessage()]
 
 
 def test_export_model_torchscript_default_sample_image(shapes_dataset, tmp_path, caplog):
     argv = ["--config-file", CONFIG, "--output", str(tmp_path), "--atol", str(ATOL), *OPTS]
     with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
         assert export_model.main(argv) == 0
-    assert "max |boxes diff| = 0," in _comparison_log(caplog)  # traced = eager, bit for bit
+    lines = _comparison_logs(caplog)  # the sample, landscape and portrait sizes
+    assert [line.split(" vs eager at ")[1].split(":")[0] for line in lines] == [
+        "(224, 224)",
+        "(168, 224)",
+        "(224, 168)",
+    ]
+    assert "max |boxes diff| = 0," in lines[0]  # traced = eager, bit for bit
     traced = torch.jit.load(str(tmp_path / "model.ts"))
     outputs = traced(torch.rand(3, 224, 224) * 255)
     assert [tuple(t.shape)[1:] for t in outputs[:3]] == [(4,), (), ()]
 
 
-def test_export_model_onnx(val_images, tmp_path, caplog):
+def test_export_model_onnx_torchscript_exporter(val_images, tmp_path, caplog):
     pytest.importorskip("onnxruntime")
-    argv = ["--config-file", CONFIG, "--format", "onnx", "--sample-image", val_images[1][1]]
-    argv += ["--output", str(tmp_path / "out"), "--atol", str(ATOL), *OPTS]
+    argv = ["--config-file", CONFIG, "--format", "onnx", "--onnx-exporter", "torchscript"]
+    argv += ["--sample-image", val_images[1][1], "--output", str(tmp_path / "out")]
     with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
-        assert export_model.main(argv) == 0
+        assert export_model.main(argv + ["--atol", str(ATOL), *OPTS]) == 0
     assert (tmp_path / "out" / "model.onnx").stat().st_size > 0
-    line = _comparison_log(caplog)
-    num = int(line.split(": ")[1].split(" vs ")[0])
-    assert num > 0 and f"{num} vs {num} detections" in line
+    for line in _comparison_logs(caplog):
+        num = int(line.split(": ")[1].split(" vs ")[0])
+        assert num > 0 and f"{num} vs {num} detections" in line
 
 
 def test_export_model_reports_an_exported_model_that_differs(
     shapes_dataset, tmp_path, monkeypatch, caplog
 ):
-    real = export_model.exported_detections
+    real = export_model.run_in_fresh_process
 
     def half_a_pixel_off(*args):
-        instances = real(*args)
-        instances.pred_boxes = Boxes(instances.pred_boxes.tensor + 0.5)
-        return instances
+        outputs = real(*args)
+        return [(o[0] + 0.5, *o[1:]) for o in outputs]
 
-    monkeypatch.setattr(export_model, "exported_detections", half_a_pixel_off)
+    monkeypatch.setattr(export_model, "run_in_fresh_process", half_a_pixel_off)
     argv = ["--config-file", CONFIG, "--output", str(tmp_path), "--atol", str(ATOL), *OPTS]
     with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
         assert export_model.main(argv) == 1
@@ -349,21 +354,35 @@ def test_max_differences_of_exported_detections():
     assert export_model.max_differences(a[:0], b[:0]) == (0.0, 0.0)
 
 
-def test_export_model_onnx_fails_when_it_cannot_check(val_images, tmp_path, monkeypatch, caplog):
+def test_export_model_fails_when_it_cannot_check(val_images, tmp_path, monkeypatch, caplog):
     def no_onnxruntime(*args):
-        raise ImportError("No module named 'onnxruntime'")
+        raise RuntimeError("ModuleNotFoundError: No module named 'onnxruntime'")
 
-    monkeypatch.setattr(export_model, "run_onnx", no_onnxruntime)
-    argv = ["--config-file", CONFIG, "--format", "onnx", "--sample-image", val_images[1][1]]
+    monkeypatch.setattr(export_model, "run_in_fresh_process", no_onnxruntime)
+    argv = ["--config-file", CONFIG, "--format", "onnx", "--onnx-exporter", "torchscript"]
+    argv += ["--sample-image", val_images[1][1]]
     assert export_model.main(argv + ["--output", str(tmp_path), *OPTS]) == 1
-    assert "was not compared with eager inference: install onnxruntime" in caplog.text
+    assert "could not be run without detectron2: ModuleNotFoundError" in caplog.text
+
+
+def test_export_model_refuses_models_without_an_export_path(tmp_path, capsys):
+    config = CONFIG.replace("libra_faster_rcnn_R_18_FPN", "libra_retinanet_R_18_FPN")
+    with pytest.raises(SystemExit) as e:
+        export_model.main(
+            ["--config-file", config, "--format", "export", "--output", str(tmp_path)]
+        )
+    assert e.value.code == 2
+    assert "--format export: RetinaNet (one-stage detectors) has no torch.export path yet" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--sample-image", "no_such.png"], "image 'no_such.png' does not exist"),
-        (["--format", "onnx", "--opset", "13"], "opset 13 is too old"),
+        (["--format", "onnx", "--onnx-exporter", "torchscript", "--opset", "13"], "opset 13"),
+        (["--format", "onnx", "--opset", "17"], "--opset 17: the dynamo exporter needs >= 18"),
         (["MODEL.WEIGHTS", "no_such.pth"], "MODEL.WEIGHTS 'no_such.pth' does not exist"),
         (["MODEL.NO_SUCH_KEY", "1"], "NO_SUCH_KEY"),
         (["MODEL.BFP.REFINE_TYPE", "attention"], "MODEL.BFP.REFINE_TYPE = 'attention'"),
@@ -519,6 +538,7 @@ def test_adaptive_max_pool2d_by_gather_equals_aten(in_size, out_size):
     assert torch.equal(adaptive_max_pool2d_by_gather(x, list(out_size)), expected)
 
 
+@pytest.mark.slow
 def test_exported_program_runs_without_detectron2(model, exported, photo_images):
     """model.pt2 in a fresh process (torch and torchvision only) gives eager inference's
     detections at the export size, a landscape and a portrait size, and none on NaNs."""
@@ -530,12 +550,24 @@ def test_exported_program_runs_without_detectron2(model, exported, photo_images)
     assert [len(o[0]) for o in outputs[:3]] == [100] * 3 and len(outputs[3][0]) == 0
 
 
+@pytest.mark.slow
 def test_onnx_dynamo_runs_without_detectron2(model, exported, photo_images, tmp_path):
     pytest.importorskip("onnxruntime")
     program, _ = exported
     path = str(tmp_path / "model.onnx")
     export_onnx_dynamo(program, path)
     outputs = _run_fresh("onnx", path, photo_images)
+    _assert_same_as_eager(model, photo_images, outputs)
+    assert len(outputs[3][0]) == 0
+
+
+@pytest.mark.slow
+def test_aoti_package_runs_without_detectron2(model, exported, photo_images, tmp_path):
+    """The suite's only AOTInductor compile (minutes on 2 cores)."""
+    program, _ = exported
+    path = str(tmp_path / "model_aoti.pt2")
+    compile_aoti(program, path)
+    outputs = _run_fresh("aoti", path, photo_images)
     _assert_same_as_eager(model, photo_images, outputs)
     assert len(outputs[3][0]) == 0
 
