@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.modeling.poolers import assign_boxes_to_levels
+from detectron2.modeling.proposal_generator import RPN
+from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 from detectron2.structures import Boxes
 from torch import nn
 from torchvision.ops import nms
@@ -55,13 +57,17 @@ OUTPUT_NAMES = ("pred_boxes", "pred_classes", "scores", "image_size")
 
 
 def unsupported_reason(model):
-    """Why ``model`` cannot be exported by :class:`ExportableRCNN`; None if it can."""
+    """Why ``model`` cannot be exported by :class:`ExportableRCNN` (one line); None if it can."""
+    fix = "has no torch.export path yet; use --format torchscript"
     if not isinstance(model, GeneralizedRCNN):
-        return f"{type(model).__name__} (one-stage detectors) has no torch.export path yet"
-    if model.roi_heads.mask_on or model.roi_heads.keypoint_on:
-        return "mask and keypoint heads (paste_masks_in_image) have no torch.export path yet"
-    if not hasattr(model.roi_heads, "box_predictor"):
-        return f"{type(model.roi_heads).__name__} (cascade) has no torch.export path yet"
+        return f"{type(model).__name__} (one-stage detector) {fix}"
+    if not isinstance(model.proposal_generator, RPN):
+        return f"a model without an RPN ({type(model.proposal_generator).__name__}) {fix}"
+    heads = model.roi_heads
+    if isinstance(heads, CascadeROIHeads) or not isinstance(heads, StandardROIHeads):
+        return f"{type(heads).__name__} (cascade or non-standard ROI heads) {fix}"
+    if heads.mask_on or heads.keypoint_on:
+        return f"a mask or keypoint head (paste_masks_in_image) {fix}"
     return None
 
 
