@@ -1,28 +1,38 @@
 #!/usr/bin/env python
 """
-Export a libra_d2 (or detectron2) detector for deployment, as detectron2's
-``tools/deploy/export_model.py --export-method tracing`` does: TorchScript (``model.ts``) or ONNX
-(``model.onnx``).
+Export a libra_d2 (or detectron2) detector for deployment:
+
+* ``--format export``: ``torch.export`` with dynamic height and width (``model.pt2``);
+* ``--format aoti``: that program compiled by AOTInductor (``model_aoti.pt2``);
+* ``--format onnx``: ONNX (``model.onnx``), by default from that program through the dynamo
+  exporter (``--onnx-exporter dynamo``), or by tracing with the TorchScript-based exporter
+  (``--onnx-exporter torchscript``);
+* ``--format torchscript``: ``torch.jit.trace`` (``model.ts``), as detectron2's
+  ``tools/deploy/export_model.py --export-method tracing`` does.
 
     ./export_model.py --config-file configs/libra_shapes/libra_faster_rcnn_R_18_FPN.yaml \\
-        --format torchscript --output output/export \\
+        --format export --output output/export \\
         MODEL.WEIGHTS output/shapes/libra_faster_rcnn_R_18_FPN/model_final.pth
 
-The model is traced on one sample image (``--sample-image``; default: the first image of the
+The model is exported with one sample image (``--sample-image``; default: the first image of the
 config's first test dataset), resized like ``DefaultPredictor`` does. The exported model takes a
-float32 ``(3, H, W)`` image and returns ``pred_boxes``, ``pred_classes``, ``scores`` (mask models:
-also ``pred_masks``, each detection's 28x28 mask probabilities) and ``image_size`` without the
-final resize to the original image size (see ``libra_d2/export.py``). The saved file is then
-loaded back (TorchScript: ``torch.jit.load``; ONNX: onnxruntime) and run on the sample image; exit
-status 0 only if it gives the same classes as eager inference and boxes, scores and mask
-probabilities within ``--atol``; 1 if they differ or the check could not run (onnxruntime
-missing).
+float32 ``(3, H, W)`` image and returns ``pred_boxes``, ``pred_classes``, ``scores`` (mask models,
+traced formats: also ``pred_masks``, each detection's 28x28 mask probabilities) and ``image_size``
+without the final resize to the original image size (see ``libra_d2/deploy.py`` and
+``libra_d2/export.py``). The saved file is then run in a fresh process that cannot import
+detectron2, libra_d2, fvcore or mmdet (``libra_d2/run_exported.py``) on the sample image, on it
+resized to a smaller landscape size and transposed to portrait, and (``torch.export`` formats) on
+an image of NaNs, whose proposals are all non-finite (no detections); exit status 0 only if every
+image gives the same classes as eager inference and boxes, scores and mask probabilities within
+``--atol``; 1 if they differ or the check could not run.
 """
 
 import argparse
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 import warnings
 
 import libra_d2  # noqa: F401  (first: see libra_d2/__init__.py; registers its modules, datasets)
@@ -31,6 +41,7 @@ import libra_d2  # noqa: F401  (first: see libra_d2/__init__.py; registers its m
 import torch
 from detectron2.data import DatasetCatalog, detection_utils
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 
 from libra_d2.checkpoint import LibraCheckpointer
 from libra_d2.checks import (
@@ -43,6 +54,14 @@ from libra_d2.checks import (
     load_config,
 )
 from libra_d2.data import ensure_shapes_dataset, is_shapes_dataset
+from libra_d2.deploy import (
+    ONNX_OPSET_DYNAMO,
+    OUTPUT_NAMES,
+    compile_aoti,
+    export_onnx_dynamo,
+    export_program,
+    unsupported_reason,
+)
 from libra_d2.export import (
     ONNX_OPSET,
     ExportError,
@@ -52,28 +71,43 @@ from libra_d2.export import (
     export_torchscript,
     preprocess_image,
     run_eager,
-    run_onnx,
 )
 
 logger = logging.getLogger("libra_d2.export_model")
 
-FILE_NAMES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+FILE_NAMES = {
+    "export": "model.pt2",
+    "aoti": "model_aoti.pt2",
+    "onnx": "model.onnx",
+    "torchscript": "model.ts",
+}
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libra_d2", "run_exported.py")
 
 
 def get_parser():
     parser = argparse.ArgumentParser(
         prog="export_model.py",
-        description="Export a detector to TorchScript or ONNX by tracing (detectron2 style).",
+        description="Export a detector with torch.export, AOTInductor, ONNX or TorchScript.",
     )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="model config")
     parser.add_argument("--format", choices=sorted(FILE_NAMES), default="torchscript")
+    parser.add_argument(
+        "--onnx-exporter",
+        choices=("dynamo", "torchscript"),
+        default="dynamo",
+        help="ONNX from the torch.export program (dynamo, default) or by tracing (torchscript)",
+    )
     parser.add_argument(
         "--sample-image",
         metavar="FILE",
         help="image to trace with (default: the first image of the config's first test dataset)",
     )
-    parser.add_argument("--output", required=True, help="folder for model.ts / model.onnx")
-    parser.add_argument("--opset", type=int, default=ONNX_OPSET, help="ONNX opset, >= 16")
+    parser.add_argument("--output", required=True, help="folder for the exported file")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        help=f"ONNX opset (default {ONNX_OPSET}, dynamo {ONNX_OPSET_DYNAMO}); >= 16, dynamo >= 18",
+    )
     parser.add_argument(
         "--atol",
         type=float,
@@ -118,14 +152,37 @@ def read_sample(cfg, path):
     return preprocess_image(cfg, image)
 
 
-def exported_detections(fmt, path, adapter, image):
-    """Detections of the saved file ``path`` on ``image`` (ImportError without onnxruntime)."""
-    with torch.no_grad():
-        if fmt == "torchscript":
-            outputs = torch.jit.load(path, map_location=image.device)(image)
-        else:
-            outputs = run_onnx(path, image)
-    return detections(adapter, outputs)
+def check_images(image):
+    """The images of the parity check: ``image`` and it resized to 3/4 of its height (landscape)
+    and of its width (portrait)."""
+    h, w = image.shape[1:]
+    sizes = [(round(0.75 * h), w), (h, round(0.75 * w))]
+    resize = torch.nn.functional.interpolate
+    return [image] + [resize(image[None], size=s, mode="bilinear")[0].round() for s in sizes]
+
+
+def run_in_fresh_process(fmt, path, images):
+    """The outputs of the exported file ``path`` on ``images``, computed by
+    ``libra_d2/run_exported.py`` in a new process that cannot import detectron2 or libra_d2."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, outputs = os.path.join(tmp, "inputs.pt"), os.path.join(tmp, "outputs.pt")
+        torch.save([image.cpu() for image in images], inputs)
+        done = subprocess.run(
+            [sys.executable, RUNNER, fmt, path, inputs, outputs], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1])
+        return torch.load(outputs)
+
+
+def instances_of(outputs):
+    """The ``Instances`` of the outputs of a ``torch.export`` format (:data:`OUTPUT_NAMES`)."""
+    fields = dict(zip(OUTPUT_NAMES, outputs))
+    instances = Instances(tuple(int(s) for s in fields["image_size"]))
+    instances.pred_boxes = Boxes(fields["pred_boxes"])
+    instances.pred_classes = fields["pred_classes"]
+    instances.scores = fields["scores"]
+    return instances
 
 
 def max_differences(expected, actual):
@@ -158,7 +215,12 @@ def main(argv=None):
     try:
         if not args.atol >= 0:
             raise SetupError(f"--atol must be >= 0, got {args.atol}")
-        if args.format == "onnx":
+        if args.format == "onnx" and args.onnx_exporter == "dynamo":
+            args.opset = args.opset or ONNX_OPSET_DYNAMO
+            if args.opset < ONNX_OPSET_DYNAMO:
+                raise SetupError(f"--opset {args.opset}: the dynamo exporter needs >= 18")
+        elif args.format == "onnx":
+            args.opset = args.opset or ONNX_OPSET
             check_onnx_opset(args.opset)
         cfg = load_config(args.config_file, args.opts or [])
         check_device(cfg.MODEL.DEVICE)
@@ -178,33 +240,65 @@ def main(argv=None):
     model.eval()
     image = image.to(model.device)
     path = os.path.join(args.output, FILE_NAMES[args.format])
-    logger.info(f"Tracing on {sample} (input {tuple(image.shape)})")
+    traced = args.format == "torchscript" or (
+        args.format == "onnx" and args.onnx_exporter == "torchscript"
+    )
+    if not traced and unsupported_reason(model):
+        parser.exit(
+            2, f"export_model.py: error: --format {args.format}: {unsupported_reason(model)}\n"
+        )
+    logger.info(f"Exporting with {sample} (input {tuple(image.shape)})")
     try:
         if args.format == "torchscript":
             _, adapter = export_torchscript(model, image, path)
-        else:
+        elif traced:
             adapter = export_onnx(model, image, path, opset_version=args.opset)
+        else:
+            pt2 = os.path.join(args.output, FILE_NAMES["export"])
+            program, seconds = export_program(model, image, cfg.INPUT.MAX_SIZE_TEST, pt2)
+            logger.info(f"torch.export: {seconds:.1f} s, wrote {pt2}")
+            if args.format == "aoti":
+                logger.info(f"AOTInductor compile: {compile_aoti(program, path):.1f} s")
+            elif args.format == "onnx":
+                seconds = export_onnx_dynamo(program, path, opset_version=args.opset)
+                logger.info(f"ONNX (dynamo) export: {seconds:.1f} s")
     except ExportError as e:
         parser.exit(1, f"export_model.py: error: {e}\n")
     logger.info(f"Wrote {path}")
 
-    expected = run_eager(adapter, image)
+    images = check_images(image)
+    if not traced:
+        images.append(torch.full_like(image, float("nan")))
+    runtime = "onnx" if args.format == "onnx" else args.format
     try:
-        actual = exported_detections(args.format, path, adapter, image)
-    except ImportError:
-        logger.error(f"{path} was not compared with eager inference: install onnxruntime")
+        outputs = run_in_fresh_process(runtime, path, images)
+    except RuntimeError as e:
+        logger.error(f"{path} could not be run without detectron2: {e}")
         return 1
-    boxes, scores = max_differences(expected, actual)
-    masks = max_mask_difference(expected, actual) if boxes < float("inf") else float("inf")
-    logger.info(
-        f"{path} vs eager on {sample}: {len(actual)} vs {len(expected)} detections, "
-        f"max |boxes diff| = {boxes:.3g}, max |scores diff| = {scores:.3g}"
-        + (f", max |mask probabilities diff| = {masks:.3g}" if expected.has("pred_masks") else "")
-    )
-    if not (boxes <= args.atol and scores <= args.atol and masks <= args.atol):
+    status = 0
+    for image, output in zip(images, outputs):
+        if traced:
+            expected, actual = run_eager(adapter, image), detections(adapter, output)
+        else:
+            with torch.no_grad():
+                (expected,) = model.inference([{"image": image}], do_postprocess=False)
+            actual = instances_of(output)
+        boxes, scores = max_differences(expected, actual)
+        masks = max_mask_difference(expected, actual) if boxes < float("inf") else float("inf")
+        logger.info(
+            f"{path} vs eager at {tuple(image.shape[1:])}: {len(actual)} vs {len(expected)} "
+            f"detections, max |boxes diff| = {boxes:.3g}, max |scores diff| = {scores:.3g}"
+            + (
+                f", max |mask probabilities diff| = {masks:.3g}"
+                if expected.has("pred_masks")
+                else ""
+            )
+        )
+        if not (boxes <= args.atol and scores <= args.atol and masks <= args.atol):
+            status = 1
+    if status:
         logger.error(f"the exported model differs from eager inference by more than {args.atol}")
-        return 1
-    return 0
+    return status
 
 
 if __name__ == "__main__":

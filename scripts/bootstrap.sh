@@ -39,11 +39,11 @@ pip_install "${C[@]}" "setuptools<81" wheel
 pip_install "${C[@]}" torch torchvision numpy
 # detectron2's runtime dependencies (its setup.py install_requires), so either install path below
 # can use --no-deps and never touch torch; then the project's tools: opencv (detectron2's
-# Visualizer), pytest, ruff, onnx/onnxruntime (export checks).
+# Visualizer), pytest, ruff, onnx/onnxruntime (export checks), onnxscript (torch.onnx.export(..., dynamo=True)).
 pip_install "${C[@]}" "Pillow>=7.1" matplotlib "pycocotools>=2.0.2" "termcolor>=1.1" \
   "yacs>=0.1.8" tabulate cloudpickle tqdm tensorboard "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" \
   "omegaconf>=2.1" "hydra-core>=1.1" black packaging opencv-python-headless pytest ruff \
-  onnx onnxruntime
+  onnx onnxruntime onnxscript
 # mmdetection, for the parity tests against the official implementation (tests/test_mmdet_parity.py).
 # mmengine and mmcv-lite require opencv-python, which would overwrite opencv-python-headless's cv2:
 # install the three with --no-deps, and their pure-Python requirements explicitly.

@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -18,6 +20,13 @@ from torch import nn
 
 import export_model
 from libra_d2.checks import load_config
+from libra_d2.deploy import (
+    compile_aoti,
+    export_onnx_dynamo,
+    export_program,
+    fast_rcnn_inference_single_image,
+    find_top_rpn_proposals,
+)
 from libra_d2.export import (
     ExportError,
     detections,
@@ -34,7 +43,7 @@ from libra_d2.modeling import (
     IoUBalancedROIHeads,
     LibraRPN,
 )
-from libra_d2.modeling.bfp import NonLocal2d
+from libra_d2.modeling.bfp import NonLocal2d, adaptive_max_pool2d_by_gather
 
 CONFIG = os.path.join(
     os.path.dirname(__file__), "..", "configs", "libra_shapes", "libra_faster_rcnn_R_18_FPN.yaml"
@@ -278,45 +287,49 @@ def test_onnx_rejects_old_opset(model, val_images, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # export_model.py
 # ---------------------------------------------------------------------------------------------
-def _comparison_log(caplog):
-    """The line in which export_model.py reports the exported vs eager comparison."""
-    (line,) = [r.getMessage() for r in caplog.records if "vs eager" in r.getMessage()]
-    return line
+def _comparison_logs(caplog):
+    """The lines in which export_model.py reports the exported vs eager comparisons."""
+    return [r.getMessage() for r in caplog.records if "vs eager" in r.getMessage()]
 
 
 def test_export_model_torchscript_default_sample_image(shapes_dataset, tmp_path, caplog):
     argv = ["--config-file", CONFIG, "--output", str(tmp_path), "--atol", str(ATOL), *OPTS]
     with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
         assert export_model.main(argv) == 0
-    assert "max |boxes diff| = 0," in _comparison_log(caplog)  # traced = eager, bit for bit
+    lines = _comparison_logs(caplog)  # the sample, landscape and portrait sizes
+    assert [line.split(" vs eager at ")[1].split(":")[0] for line in lines] == [
+        "(224, 224)",
+        "(168, 224)",
+        "(224, 168)",
+    ]
+    assert "max |boxes diff| = 0," in lines[0]  # traced = eager, bit for bit
     traced = torch.jit.load(str(tmp_path / "model.ts"))
     outputs = traced(torch.rand(3, 224, 224) * 255)
     assert [tuple(t.shape)[1:] for t in outputs[:3]] == [(4,), (), ()]
 
 
-def test_export_model_onnx(val_images, tmp_path, caplog):
+def test_export_model_onnx_torchscript_exporter(val_images, tmp_path, caplog):
     pytest.importorskip("onnxruntime")
-    argv = ["--config-file", CONFIG, "--format", "onnx", "--sample-image", val_images[1][1]]
-    argv += ["--output", str(tmp_path / "out"), "--atol", str(ATOL), *OPTS]
+    argv = ["--config-file", CONFIG, "--format", "onnx", "--onnx-exporter", "torchscript"]
+    argv += ["--sample-image", val_images[1][1], "--output", str(tmp_path / "out")]
     with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
-        assert export_model.main(argv) == 0
+        assert export_model.main(argv + ["--atol", str(ATOL), *OPTS]) == 0
     assert (tmp_path / "out" / "model.onnx").stat().st_size > 0
-    line = _comparison_log(caplog)
-    num = int(line.split(": ")[1].split(" vs ")[0])
-    assert num > 0 and f"{num} vs {num} detections" in line
+    for line in _comparison_logs(caplog):
+        num = int(line.split(": ")[1].split(" vs ")[0])
+        assert num > 0 and f"{num} vs {num} detections" in line
 
 
 def test_export_model_reports_an_exported_model_that_differs(
     shapes_dataset, tmp_path, monkeypatch, caplog
 ):
-    real = export_model.exported_detections
+    real = export_model.run_in_fresh_process
 
     def half_a_pixel_off(*args):
-        instances = real(*args)
-        instances.pred_boxes = Boxes(instances.pred_boxes.tensor + 0.5)
-        return instances
+        outputs = real(*args)
+        return [(o[0] + 0.5, *o[1:]) for o in outputs]
 
-    monkeypatch.setattr(export_model, "exported_detections", half_a_pixel_off)
+    monkeypatch.setattr(export_model, "run_in_fresh_process", half_a_pixel_off)
     argv = ["--config-file", CONFIG, "--output", str(tmp_path), "--atol", str(ATOL), *OPTS]
     with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
         assert export_model.main(argv) == 1
@@ -341,21 +354,34 @@ def test_max_differences_of_exported_detections():
     assert export_model.max_differences(a[:0], b[:0]) == (0.0, 0.0)
 
 
-def test_export_model_onnx_fails_when_it_cannot_check(val_images, tmp_path, monkeypatch, caplog):
+def test_export_model_fails_when_it_cannot_check(val_images, tmp_path, monkeypatch, caplog):
     def no_onnxruntime(*args):
-        raise ImportError("No module named 'onnxruntime'")
+        raise RuntimeError("ModuleNotFoundError: No module named 'onnxruntime'")
 
-    monkeypatch.setattr(export_model, "run_onnx", no_onnxruntime)
-    argv = ["--config-file", CONFIG, "--format", "onnx", "--sample-image", val_images[1][1]]
+    monkeypatch.setattr(export_model, "run_in_fresh_process", no_onnxruntime)
+    argv = ["--config-file", CONFIG, "--format", "onnx", "--onnx-exporter", "torchscript"]
+    argv += ["--sample-image", val_images[1][1]]
     assert export_model.main(argv + ["--output", str(tmp_path), *OPTS]) == 1
-    assert "was not compared with eager inference: install onnxruntime" in caplog.text
+    assert "could not be run without detectron2: ModuleNotFoundError" in caplog.text
+
+
+def test_export_model_refuses_models_without_an_export_path(tmp_path, capsys):
+    config = CONFIG.replace("libra_faster_rcnn_R_18_FPN", "libra_retinanet_R_18_FPN")
+    with pytest.raises(SystemExit) as e:
+        export_model.main(
+            ["--config-file", config, "--format", "export", "--output", str(tmp_path)]
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--format export: LibraRetinaNet (one-stage detector) has no torch.export path" in err
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--sample-image", "no_such.png"], "image 'no_such.png' does not exist"),
-        (["--format", "onnx", "--opset", "13"], "opset 13 is too old"),
+        (["--format", "onnx", "--onnx-exporter", "torchscript", "--opset", "13"], "opset 13"),
+        (["--format", "onnx", "--opset", "17"], "--opset 17: the dynamo exporter needs >= 18"),
         (["MODEL.WEIGHTS", "no_such.pth"], "MODEL.WEIGHTS 'no_such.pth' does not exist"),
         (["MODEL.NO_SUCH_KEY", "1"], "NO_SUCH_KEY"),
         (["MODEL.BFP.REFINE_TYPE", "attention"], "MODEL.BFP.REFINE_TYPE = 'attention'"),
@@ -377,3 +403,179 @@ def test_export_model_output_is_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_model.main(["--config-file", CONFIG, "--output", str(output)])
     assert f"--output '{output}' cannot be created or written to" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export, AOTInductor, ONNX (dynamo): export-time replacements and the exported files run
+# in a fresh process without detectron2 (libra_d2/run_exported.py)
+# ---------------------------------------------------------------------------------------------
+RUNNER = os.path.join(os.path.dirname(__file__), "..", "libra_d2", "run_exported.py")
+
+
+@pytest.fixture(scope="module")
+def photo_images(cfg):
+    """A real photo (grace_hopper, portrait) resized as at test time (224 x 191), it resized to
+    3/4 of its height and of its width (export_model.check_images), and an image of NaNs."""
+    from mmdet_reference import PHOTO
+
+    image = preprocess_image(cfg, detection_utils.read_image(PHOTO, format=cfg.INPUT.FORMAT))
+    return export_model.check_images(image) + [torch.full_like(image, float("nan"))]
+
+
+@pytest.fixture(scope="module")
+def exported(model, photo_images, tmp_path_factory):
+    """(ExportedProgram, path of model.pt2) of the Libra model, exported with the photo."""
+    path = str(tmp_path_factory.mktemp("pt2") / "model.pt2")
+    program, _ = export_program(model, photo_images[0], 224, path)
+    return program, path
+
+
+def _run_fresh(fmt, path, images):
+    return export_model.run_in_fresh_process(fmt, path, images)
+
+
+def _assert_same_as_eager(model, images, outputs):
+    """Same count and classes, boxes within 1e-3 px, scores within 1e-4; returns the max
+    differences (boxes, scores) per image."""
+    diffs = []
+    for image, output in zip(images, outputs):
+        with torch.no_grad():
+            (expected,) = model.inference([{"image": image}], do_postprocess=False)
+        actual = export_model.instances_of(output)
+        assert len(actual) == len(expected)
+        assert torch.equal(actual.pred_classes, expected.pred_classes)
+        assert tuple(actual.image_size) == tuple(image.shape[1:])
+        diffs.append(export_model.max_differences(expected, actual))
+        assert diffs[-1][0] <= 1e-3 and diffs[-1][1] <= 1e-4, diffs[-1]
+    return diffs
+
+
+def _rpn_inputs(model, image):
+    """Decoded proposals and objectness logits of the model's RPN on ``image`` (real inputs of
+    find_top_rpn_proposals), and the image size."""
+    rpn = model.proposal_generator
+    images = model.preprocess_image([{"image": image}])
+    with torch.no_grad():
+        features = [model.backbone(images.tensor)[f] for f in rpn.in_features]
+        logits, deltas = rpn.rpn_head(features)
+        logits = [s.permute(0, 2, 3, 1).flatten(1) for s in logits]
+        deltas = [d.view(1, -1, 4, *d.shape[-2:]).permute(0, 3, 4, 1, 2) for d in deltas]
+        anchors = rpn.anchor_generator(features)
+        proposals = rpn._decode_proposals(anchors, [d.flatten(1, -2) for d in deltas])
+    return proposals, logits, images.image_sizes[0]
+
+
+def test_find_top_rpn_proposals_equals_detectron2s(model, photo_images):
+    from detectron2.modeling.proposal_generator.proposal_utils import (
+        find_top_rpn_proposals as detectron2s,
+    )
+
+    rpn = model.proposal_generator
+    proposals, logits, image_size = _rpn_inputs(model, photo_images[0])
+    # among each level's top-scored proposals: non-finite boxes and logits, boxes that are empty
+    # or become empty when clipped to the image
+    for level, (p, s) in enumerate(zip(proposals, logits)):
+        top = s[0].topk(8).indices
+        p[0, top[0], 2] = float("nan")
+        p[0, top[1], 0] = float("-inf")
+        s[0, top[2]] = float("inf")
+        s[0, top[3]] = float("nan")
+        p[0, top[4]] = torch.tensor([50.0, 50.0, 40.0, 60.0])  # x2 < x1
+        p[0, top[5]] = torch.tensor([300.0, 10.0, 400.0, 20.0])  # right of the image
+    args = (rpn.nms_thresh, rpn.pre_nms_topk[False], rpn.post_nms_topk[False], rpn.min_box_size)
+    (expected,) = detectron2s(proposals, logits, [image_size], *args, training=False)
+    ((boxes, scores),) = find_top_rpn_proposals(proposals, logits, [image_size], *args)
+    assert len(expected) == rpn.post_nms_topk[False]
+    assert torch.equal(boxes, expected.proposal_boxes.tensor)
+    assert torch.equal(scores, expected.objectness_logits)
+
+
+def test_fast_rcnn_inference_equals_detectron2s(model, photo_images):
+    from detectron2.modeling.roi_heads.fast_rcnn import (
+        fast_rcnn_inference_single_image as detectron2s,
+    )
+
+    predictor = model.roi_heads.box_predictor
+    image = photo_images[0]
+    images = model.preprocess_image([{"image": image}])
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+        proposals, _ = model.proposal_generator(images, features)
+        box_features = model.roi_heads.box_pooler(
+            [features[f] for f in model.roi_heads.box_in_features],
+            [p.proposal_boxes for p in proposals],
+        )
+        predictions = predictor(model.roi_heads.box_head(box_features))
+        (boxes,) = predictor.predict_boxes(predictions, proposals)
+        (probs,) = predictor.predict_probs(predictions, proposals)
+    boxes[0, 2], boxes[3, 5], probs[5, 1] = float("nan"), float("inf"), float("nan")
+    # all candidates; the top 1% (some classes may have none)
+    for thresh in (0.0, probs[:, :-1].nan_to_num().quantile(0.99).item()):
+        args = (image.shape[1:], thresh, predictor.test_nms_thresh, predictor.test_topk_per_image)
+        expected, _ = detectron2s(boxes, probs, *args)
+        actual = fast_rcnn_inference_single_image(boxes, probs, *args)
+        assert 0 < len(expected) <= predictor.test_topk_per_image
+        assert torch.equal(actual[0], expected.pred_boxes.tensor)
+        assert torch.equal(actual[1], expected.scores)
+        assert torch.equal(actual[2], expected.pred_classes)
+
+
+@pytest.mark.parametrize(
+    "in_size, out_size",
+    [
+        ((14, 14), (4, 4)),
+        ((56, 84), (14, 21)),
+        ((14, 22), (4, 6)),
+        ((7, 5), (3, 7)),
+        ((9, 13), (9, 13)),
+    ],
+)
+def test_adaptive_max_pool2d_by_gather_equals_aten(in_size, out_size):
+    # divisible (the BFP's gathers), 2k -> ceil(k/2) (to p6), upsampling along w, identity
+    x = torch.randn(2, 3, *in_size, generator=torch.Generator().manual_seed(0))
+    expected = F.adaptive_max_pool2d(x, out_size)
+    assert torch.equal(adaptive_max_pool2d_by_gather(x, list(out_size)), expected)
+
+
+@pytest.mark.slow
+def test_exported_program_runs_without_detectron2(model, exported, photo_images):
+    """model.pt2 in a fresh process (torch and torchvision only) gives eager inference's
+    detections at the export size, a landscape and a portrait size, and none on NaNs."""
+    _, path = exported
+    sizes = [tuple(image.shape[1:]) for image in photo_images]
+    assert sizes[0][0] > sizes[0][1] and sizes[1][0] < sizes[1][1] and sizes[2][0] > sizes[2][1]
+    outputs = _run_fresh("export", path, photo_images)
+    _assert_same_as_eager(model, photo_images, outputs)
+    assert [len(o[0]) for o in outputs[:3]] == [100] * 3 and len(outputs[3][0]) == 0
+
+
+@pytest.mark.slow
+def test_onnx_dynamo_runs_without_detectron2(model, exported, photo_images, tmp_path):
+    pytest.importorskip("onnxruntime")
+    program, _ = exported
+    path = str(tmp_path / "model.onnx")
+    export_onnx_dynamo(program, path)
+    outputs = _run_fresh("onnx", path, photo_images)
+    _assert_same_as_eager(model, photo_images, outputs)
+    assert len(outputs[3][0]) == 0
+
+
+@pytest.mark.slow
+def test_aoti_package_runs_without_detectron2(model, exported, photo_images, tmp_path):
+    """The suite's only AOTInductor compile (minutes on 2 cores)."""
+    program, _ = exported
+    path = str(tmp_path / "model_aoti.pt2")
+    compile_aoti(program, path)
+    outputs = _run_fresh("aoti", path, photo_images)
+    _assert_same_as_eager(model, photo_images, outputs)
+    assert len(outputs[3][0]) == 0
+
+
+def test_fresh_process_cannot_import_detectron2(photo_images, tmp_path):
+    # inputs that need detectron2 to be unpickled: the runner's import guard refuses them
+    inputs = tmp_path / "inputs.pt"
+    torch.save([Boxes(torch.zeros(1, 4))], inputs)
+    args = [RUNNER, "export", "unused.pt2", str(inputs), str(tmp_path / "out.pt")]
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "ImportError: detectron2 cannot be imported here" in done.stderr

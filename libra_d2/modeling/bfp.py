@@ -20,6 +20,7 @@ __all__ = [
     "BalancedFPN",
     "build_resnet_bfp_backbone",
     "build_retinanet_resnet_bfp_backbone",
+    "adaptive_max_pool2d_by_gather",
 ]
 
 
@@ -90,15 +91,38 @@ class _MaxPoolTo(torch.autograd.Function):
         return grad_x.view(n, c, h, w), None
 
 
+def adaptive_max_pool2d_by_gather(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """
+    ``F.adaptive_max_pool2d(x, size)`` (same values, exactly) from ops that take symbolic sizes,
+    for ``torch.export`` with dynamic height and width: ATen's op specialises its output size.
+
+    Bin ``i`` of an axis of length ``n`` pooled to ``m`` covers ``[floor(i*n/m), ceil((i+1)*n/m))``
+    as in ATen; every bin is read as ``ceil(n/m) + 1`` rows, indices clamped to the bin's last row
+    (which leaves the max unchanged), gathered with ``index_select`` and reduced with ``amax``.
+    """
+    for axis, m in ((2, size[0]), (3, size[1])):
+        n = x.shape[axis]
+        i = torch.arange(m, device=x.device)
+        start = (i * n) // m
+        last = ((i + 1) * n + m - 1) // m - 1
+        offsets = torch.arange((n + m - 1) // m + 1, device=x.device)
+        index = torch.minimum(start[:, None] + offsets, last[:, None])  # (m, k)
+        x = x.index_select(axis, index.flatten()).unflatten(axis, index.shape).amax(axis + 1)
+    return x
+
+
 def _max_pool_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
     """
     ``F.adaptive_max_pool2d(x, size)``, same values and gradient. When ``x`` needs a gradient, the
     backward keeps only the indices, so a pyramid level gathered this way is not held twice (as
-    the FPN output here and the BFP output in the heads) until the backward.
+    the FPN output here and the BFP output in the heads) until the backward. Under
+    ``torch.export``, :func:`adaptive_max_pool2d_by_gather`.
     """
     if not torch.jit.is_scripting():  # TorchScript has no autograd.Function
         if torch.is_grad_enabled() and x.requires_grad:
             return _MaxPoolTo.apply(x, tuple(size))
+        if torch.compiler.is_exporting():  # ATen's op specialises its output size
+            return adaptive_max_pool2d_by_gather(x, size)
     return F.adaptive_max_pool2d(x, size)
 
 
@@ -193,7 +217,7 @@ class BalancedFeaturePyramid(nn.Module):
             if i < self.refine_level:
                 residual = F.interpolate(bsf, size=level_hw, mode="nearest")
             elif i > self.refine_level:
-                residual = F.adaptive_max_pool2d(bsf, output_size=level_hw)
+                residual = _max_pool_to(bsf, level_hw)
             else:
                 residual = bsf
             outs.append(x + residual)
