@@ -1,9 +1,9 @@
-"""Export an R-CNN with ``torch.export`` (dynamic height and width), AOTInductor and ONNX (dynamo).
+"""Export detectors with ``torch.export`` (dynamic height and width), AOTInductor and ONNX (dynamo).
 
-:class:`ExportableRCNN` runs a ``GeneralizedRCNN``'s inference (eval mode, without the final
-resize, as ``model.inference(..., do_postprocess=False)``) on one image with the model's own
-modules, and replaces the three steps of detectron2's inference whose control flow depends on
-tensor values, which ``torch.export`` cannot trace:
+:class:`ExportableRCNN` (``GeneralizedRCNN`` with an RPN: Faster / Mask / Cascade (Mask) R-CNN)
+and :class:`ExportableRetinaNet` run a model's inference (eval mode, without the final resize) on
+one image with the model's own modules, and replace the steps of detectron2's inference whose
+control flow depends on tensor values, which ``torch.export`` cannot trace:
 
 * ``ImageList.from_tensors`` computes the padded size from tensors: the padding is computed from
   ``image.shape`` (:func:`pad_image`);
@@ -11,24 +11,29 @@ tensor values, which ``torch.export`` cannot trace:
   when there are some (``if not valid_mask.all()``), and ``batched_nms`` picks its algorithm from
   the number of boxes: the replacements (:func:`find_top_rpn_proposals`,
   :func:`fast_rcnn_inference_single_image`) mask them out and always run the per-group NMS of
-  torchvision's ``batched_nms`` (one ``nms`` per level / class, the kept boxes sorted by score).
+  torchvision's ``batched_nms`` (one ``nms`` per level / class, the kept boxes sorted by score);
+* ``ROIPooler`` counts boxes per image with a tensor, ``Boxes`` checks its shape, ``Boxes.clip``
+  asserts that every box is finite, RetinaNet takes ``min`` of a data-dependent count: the
+  wrappers pool, clip and select with symbolic counts.
 
 The BFP's adaptive max pooling takes symbolic sizes under ``torch.export``
 (:func:`libra_d2.modeling.bfp.adaptive_max_pool2d_by_gather`). Training and eager inference are
-detectron2's code; these replacements only run inside :class:`ExportableRCNN`.
+detectron2's code; these replacements only run inside the wrappers.
 
 Exported model: input ``image``, float32 ``(3, H, W)`` in ``cfg.INPUT.FORMAT`` order (resized
-like the test-time transform); outputs ``pred_boxes`` ``(R, 4)`` float32 XYXY in input
-coordinates, ``pred_classes`` ``(R,)`` int64, ``scores`` ``(R,)`` float32, ``image_size`` ``(2,)``
-int64, ``R`` depending on the image.
+like the test-time transform); outputs (:func:`output_names`) ``pred_boxes`` ``(R, 4)`` float32
+XYXY in input coordinates, ``pred_classes`` ``(R,)`` int64, ``scores`` ``(R,)`` float32, mask
+models ``pred_masks`` ``(R, 1, M, M)`` float32 mask probabilities, ``image_size`` ``(2,)`` int64;
+``R`` depends on the image. The reference is :func:`eager_detections`.
 """
 
+import math
 import os
 import time
 
 import torch
 import torch.nn.functional as F
-from detectron2.modeling import GeneralizedRCNN
+from detectron2.modeling import GeneralizedRCNN, RetinaNet
 from detectron2.modeling.poolers import assign_boxes_to_levels
 from detectron2.modeling.proposal_generator import RPN
 from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
@@ -40,8 +45,11 @@ from .files import atomic_open
 
 __all__ = [
     "ExportableRCNN",
+    "ExportableRetinaNet",
+    "exportable",
+    "eager_detections",
+    "output_names",
     "ONNX_OPSET_DYNAMO",
-    "OUTPUT_NAMES",
     "pad_image",
     "find_top_rpn_proposals",
     "fast_rcnn_inference_single_image",
@@ -53,21 +61,31 @@ __all__ = [
 
 ONNX_OPSET_DYNAMO = 18
 """Default (and oldest) ONNX opset of :func:`export_onnx_dynamo`."""
-OUTPUT_NAMES = ("pred_boxes", "pred_classes", "scores", "image_size")
+
+
+def output_names(model):
+    """The names of the exported program's outputs, in order."""
+    masks = isinstance(model, GeneralizedRCNN) and model.roi_heads.mask_on
+    return ("pred_boxes", "pred_classes", "scores") + ("pred_masks",) * masks + ("image_size",)
 
 
 def unsupported_reason(model):
-    """Why ``model`` cannot be exported by :class:`ExportableRCNN` (one line); None if it can."""
-    fix = "has no torch.export path yet; use --format torchscript"
+    """Why ``model`` has no ``torch.export`` path here (one line); None if it has one."""
+    fix = "use --format torchscript"
+    if isinstance(model, RetinaNet):
+        return None
     if not isinstance(model, GeneralizedRCNN):
-        return f"{type(model).__name__} (one-stage detector) {fix}"
+        return f"{type(model).__name__} is neither a GeneralizedRCNN nor a RetinaNet; {fix}"
     if not isinstance(model.proposal_generator, RPN):
-        return f"a model without an RPN ({type(model.proposal_generator).__name__}) {fix}"
+        return (
+            f"a model without an RPN ({type(model.proposal_generator).__name__}) takes "
+            f"precomputed proposals, which an exported image-only program cannot; {fix}"
+        )
     heads = model.roi_heads
-    if isinstance(heads, CascadeROIHeads) or not isinstance(heads, StandardROIHeads):
-        return f"{type(heads).__name__} (cascade or non-standard ROI heads) {fix}"
-    if heads.mask_on or heads.keypoint_on:
-        return f"a mask or keypoint head (paste_masks_in_image) {fix}"
+    if not isinstance(heads, StandardROIHeads):
+        return f"{type(heads).__name__} is not a StandardROIHeads; {fix}"
+    if heads.keypoint_on:
+        return f"keypoint heads have no torch.export path; {fix}"
     return None
 
 
@@ -76,7 +94,9 @@ def pad_image(image, size_divisibility):
     ``size_divisibility`` (``ImageList.from_tensors`` of one image, sizes from the shape)."""
     h, w = image.shape[-2:]
     d = max(size_divisibility, 1)
-    return F.pad(image, (0, (-w) % d, 0, (-h) % d))[None]
+    # d * ceil(h / d) (not h + (-h) % d): a form in which the sizes of the strided convolutions
+    # simplify (d * k - 1) // 2 + 1 = (d / 2) * k
+    return F.pad(image, (0, d * ((w + d - 1) // d) - w, 0, d * ((h + d - 1) // d) - h))[None]
 
 
 def _clip(boxes, image_size):
@@ -117,6 +137,24 @@ def _pool(pooler, features, boxes):
     return output
 
 
+def _nms(boxes, scores, iou_threshold):
+    """
+    ``torchvision.ops.nms(boxes, scores, iou_threshold)`` of boxes with finite scores, run with
+    two more boxes that it always keeps: torchvision's fake ``nms`` declares at least 2 kept
+    boxes, which ``torch.export`` turns into an assertion that fails on fewer. The extra boxes
+    have zero area (IoU 0 or NaN with any box: they suppress nothing and nothing suppresses
+    them) and score -inf; their indices are dropped from the result.
+    """
+    extra = boxes.new_zeros(2, 4)
+    n = boxes.shape[0]
+    keep = nms(
+        torch.cat([boxes, extra]),
+        torch.cat([scores, scores.new_full((2,), -math.inf)]),
+        iou_threshold,
+    )
+    return keep[keep < n]
+
+
 def _nms_per_group(boxes, scores, groups, num_groups, iou_threshold, valid):
     """
     torchvision's ``batched_nms`` (its per-group path) over the ``valid`` boxes: ``nms`` within
@@ -125,7 +163,7 @@ def _nms_per_group(boxes, scores, groups, num_groups, iou_threshold, valid):
     keep_mask = torch.zeros_like(valid)
     for g in range(num_groups):
         (index,) = torch.where(valid & (groups == g))
-        keep_mask[index[nms(boxes[index], scores[index], iou_threshold)]] = True
+        keep_mask[index[_nms(boxes[index], scores[index], iou_threshold)]] = True
     (keep,) = torch.where(keep_mask)
     return keep[scores[keep].sort(descending=True)[1]]
 
@@ -200,28 +238,60 @@ def fast_rcnn_inference_single_image(
     return boxes[keep], scores[keep], classes[keep]
 
 
+def _probs(predictor, scores):
+    """``FastRCNNOutputLayers.predict_probs`` of one image's class logits ``(R, K + 1)``."""
+    return scores.sigmoid() if predictor.use_sigmoid_ce else F.softmax(scores, dim=-1)
+
+
 class ExportableRCNN(nn.Module):
     """
-    ``image (3, H, W) -> (pred_boxes, pred_classes, scores, image_size)``: the inference of a
-    Faster R-CNN ``GeneralizedRCNN`` in eval mode (module docstring), for ``torch.export``.
+    ``image (3, H, W) -> (pred_boxes, pred_classes, scores, [pred_masks,] image_size)``: the
+    inference of a ``GeneralizedRCNN`` with an RPN and standard or cascade ROI heads, in eval
+    mode, as ``model.inference([{"image": image}], do_postprocess=False)`` (module docstring).
+    ``pred_masks`` (mask models): ``(R, 1, M, M)`` float32 mask probabilities of each
+    detection's class, not pasted into the image.
     """
 
     def __init__(self, model):
         super().__init__()
-        reason = unsupported_reason(model)
-        if reason:
-            raise ValueError(reason)
-        if model.training:
-            raise ValueError("the model must be in eval mode (call model.eval())")
         self.model = model
 
     def forward(self, image):
-        model, rpn, heads = self.model, self.model.proposal_generator, self.model.roi_heads
+        model, heads = self.model, self.model.roi_heads
         h, w = image.shape[-2:]
         x = (image.to(model.pixel_mean) - model.pixel_mean) / model.pixel_std
         features = model.backbone(pad_image(x, model.backbone.size_divisibility))
+        proposals = self._proposals(features, (h, w))
+        box_features = [features[f] for f in heads.box_in_features]
+        if isinstance(heads, CascadeROIHeads):
+            boxes, probs, predictor = self._cascade(box_features, proposals, (h, w))
+        else:  # StandardROIHeads._forward_box, FastRCNNOutputLayers.inference
+            predictor = heads.box_predictor
+            scores, deltas = predictor(
+                heads.box_head(_pool(heads.box_pooler, box_features, proposals))
+            )
+            boxes = predictor.box2box_transform.apply_deltas(deltas, proposals)
+            probs = _probs(predictor, scores)
+        boxes, scores, classes = fast_rcnn_inference_single_image(
+            boxes,
+            probs,
+            (h, w),
+            predictor.test_score_thresh,
+            predictor.test_nms_thresh,
+            predictor.test_topk_per_image,
+        )
+        outputs = (boxes, classes, scores)
+        if heads.mask_on:  # StandardROIHeads._forward_mask, mask_rcnn_inference
+            mask_features = [features[f] for f in heads.mask_in_features]
+            logits = heads.mask_head.layers(_pool(heads.mask_pooler, mask_features, boxes))
+            if logits.shape[1] > 1:
+                logits = logits[torch.arange(logits.shape[0]), classes][:, None]
+            outputs += (logits.sigmoid(),)
+        return outputs + (torch.stack([torch.scalar_tensor(s, dtype=torch.int64) for s in (h, w)]),)
 
-        # RPN.forward + predict_proposals, with find_top_rpn_proposals replaced
+    def _proposals(self, features, image_size):
+        """``RPN.forward`` at inference, ``find_top_rpn_proposals`` replaced: ``(P, 4)``."""
+        rpn = self.model.proposal_generator
         rpn_features = [features[f] for f in rpn.in_features]
         anchors = rpn.anchor_generator(rpn_features)
         logits, deltas = rpn.rpn_head(rpn_features)
@@ -234,45 +304,113 @@ class ExportableRCNN(nn.Module):
         ((proposals, _),) = find_top_rpn_proposals(
             rpn._decode_proposals(anchors, [d.flatten(1, -2) for d in deltas]),
             logits,
-            [(h, w)],
+            [image_size],
             rpn.nms_thresh,
             rpn.pre_nms_topk[False],
             rpn.post_nms_topk[False],
             rpn.min_box_size,
         )
+        return proposals
 
-        # StandardROIHeads._forward_box (ROIPooler.forward replaced) and
-        # FastRCNNOutputLayers.inference
-        # (predict_boxes, predict_probs; fast_rcnn_inference replaced)
-        box_features = _pool(
-            heads.box_pooler, [features[f] for f in heads.box_in_features], proposals
+    def _cascade(self, features, proposals, image_size):
+        """``CascadeROIHeads._forward_box`` at inference up to ``fast_rcnn_inference``: the last
+        stage's boxes, the class probabilities averaged over the stages, the last predictor."""
+        heads = self.model.roi_heads
+        boxes, probs = proposals, []
+        for stage in range(heads.num_cascade_stages):
+            if stage > 0:  # _create_proposals_from_boxes
+                boxes = _clip(boxes, image_size)
+            predictor = heads.box_predictor[stage]
+            box_features = heads.box_head[stage](_pool(heads.box_pooler, features, boxes))
+            scores, deltas = predictor(box_features)
+            boxes = predictor.box2box_transform.apply_deltas(deltas, boxes)
+            probs.append(_probs(predictor, scores))
+        return boxes, sum(probs) * (1.0 / heads.num_cascade_stages), predictor
+
+
+class ExportableRetinaNet(nn.Module):
+    """
+    ``image (3, H, W) -> (pred_boxes, pred_classes, scores, image_size)``: the inference of a
+    ``RetinaNet`` in eval mode, as ``model([{"image": image}])`` (``forward_inference``, then
+    ``detector_postprocess`` at the input size: boxes clipped, empty ones dropped), with the
+    per-level candidate selection written with symbolic counts and per-class NMS.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        model = self.model
+        h, w = image.shape[-2:]
+        x = (image.to(model.pixel_mean) - model.pixel_mean) / model.pixel_std
+        features = model.backbone(pad_image(x, model.backbone.size_divisibility))
+        features = [features[f] for f in model.head_in_features]
+        anchors = model.anchor_generator(features)
+        logits, deltas = model._transpose_dense_predictions(
+            model.head(features), [model.num_classes, 4]
         )
-        predictor = heads.box_predictor
-        scores, deltas = predictor(heads.box_head(box_features))
-        probs = scores.sigmoid() if predictor.use_sigmoid_ce else F.softmax(scores, dim=-1)
-        boxes, scores, classes = fast_rcnn_inference_single_image(
-            predictor.box2box_transform.apply_deltas(deltas, proposals),
-            probs,
-            (h, w),
-            predictor.test_score_thresh,
-            predictor.test_nms_thresh,
-            predictor.test_topk_per_image,
+        boxes, scores, classes = [], [], []
+        # DenseDetector._decode_per_level_predictions of each level
+        for anchors_i, logits_i, deltas_i in zip(anchors, logits, deltas):
+            scores_i = logits_i[0].sigmoid()
+            keep = scores_i > model.test_score_thresh
+            candidates = keep.nonzero()
+            k = torch.sym_min(candidates.shape[0], model.test_topk_candidates)
+            scores_i, index = scores_i[keep].topk(k)
+            anchor_index, class_index = candidates[index].unbind(dim=1)
+            boxes.append(
+                model.box2box_transform.apply_deltas(
+                    deltas_i[0][anchor_index], anchors_i.tensor[anchor_index]
+                )
+            )
+            scores.append(scores_i)
+            classes.append(class_index)
+        boxes, scores, classes = torch.cat(boxes), torch.cat(scores), torch.cat(classes)
+        everything = torch.ones_like(classes, dtype=torch.bool)
+        keep = _nms_per_group(
+            boxes, scores, classes, model.num_classes, model.test_nms_thresh, everything
         )
+        keep = keep[: model.max_detections_per_image]
+        boxes, scores, classes = _clip(boxes[keep], (h, w)), scores[keep], classes[keep]
+        (keep,) = torch.where(_boxes(boxes).nonempty())  # detector_postprocess
         image_size = torch.stack([torch.scalar_tensor(s, dtype=torch.int64) for s in (h, w)])
-        return boxes, classes, scores, image_size
+        return boxes[keep], classes[keep], scores[keep], image_size
+
+
+def exportable(model):
+    """:class:`ExportableRCNN` or :class:`ExportableRetinaNet` of ``model`` (eval mode); ValueError
+    with :func:`unsupported_reason` for other models."""
+    reason = unsupported_reason(model)
+    if reason:
+        raise ValueError(reason)
+    if model.training:
+        raise ValueError("the model must be in eval mode (call model.eval())")
+    return (ExportableRetinaNet if isinstance(model, RetinaNet) else ExportableRCNN)(model)
+
+
+def eager_detections(model, image):
+    """The eager ``Instances`` an exported program reproduces (see :func:`exportable`)."""
+    with torch.no_grad():
+        if isinstance(model, RetinaNet):
+            return model([{"image": image}])[0]["instances"]
+        return model.inference([{"image": image}], do_postprocess=False)[0]
 
 
 def export_program(model, image, max_size, path=None):
     """
-    ``torch.export`` of :class:`ExportableRCNN` of ``model`` with dynamic height and width (each
-    from 32 to ``max_size``), saved with ``torch.export.save`` (atomically) if ``path``.
+    ``torch.export`` of :func:`exportable` of ``model`` with dynamic height and width, each from
+    the coarsest feature stride + 1 (the coarsest level has at least 2 positions: 65 for P2-P6,
+    129 for P3-P7) to ``max_size`` (``INPUT.MAX_SIZE_TEST``), saved with ``torch.export.save``
+    (atomically) if ``path``.
 
     Returns:
         (ExportedProgram, float): the program and the export time in seconds.
     """
-    module = ExportableRCNN(model)
-    h = torch.export.Dim("height", min=65, max=max_size)
-    w = torch.export.Dim("width", min=65, max=max_size)
+    module = exportable(model)
+    low = max(s.stride for s in model.backbone.output_shape().values()) + 1
+    h = torch.export.Dim("height", min=low, max=max_size)
+    w = torch.export.Dim("width", min=low, max=max_size)
     start = time.perf_counter()
     with torch.no_grad():
         program = torch.export.export(
@@ -299,14 +437,14 @@ def compile_aoti(program, path):
     return time.perf_counter() - start
 
 
-def export_onnx_dynamo(program, path, opset_version=ONNX_OPSET_DYNAMO):
+def export_onnx_dynamo(program, path, output_names, opset_version=ONNX_OPSET_DYNAMO):
     """ONNX file of ``program`` through the dynamo exporter (onnxscript); returns the seconds it
-    took. Input ``image`` with dynamic height and width, outputs :data:`OUTPUT_NAMES`."""
+    took. Input ``image`` with dynamic height and width, outputs named ``output_names``."""
     start = time.perf_counter()
     onnx_program = torch.onnx.export(
         program,
         input_names=["image"],
-        output_names=list(OUTPUT_NAMES),
+        output_names=list(output_names),
         dynamo=True,
         opset_version=opset_version,
         verbose=False,
