@@ -91,12 +91,18 @@ def get_parser():
         description="Export a detector with torch.export, AOTInductor, ONNX or TorchScript.",
     )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="model config")
-    parser.add_argument("--format", choices=sorted(FILE_NAMES), default="torchscript")
+    parser.add_argument(
+        "--format",
+        choices=sorted(FILE_NAMES),
+        default="export",
+        help="default: export (torch.export, which torch recommends over deprecated TorchScript)",
+    )
     parser.add_argument(
         "--onnx-exporter",
         choices=("dynamo", "torchscript"),
         default="dynamo",
-        help="ONNX from the torch.export program (dynamo, default) or by tracing (torchscript)",
+        help="ONNX from the torch.export program (dynamo: default, torch's default exporter since "
+        "2.9) or by tracing (torchscript: deprecated, kept while torch ships it)",
     )
     parser.add_argument(
         "--sample-image",

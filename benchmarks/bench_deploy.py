@@ -39,7 +39,12 @@ from bench_libra import (  # noqa: E402
 )
 from detectron2.modeling import build_model  # noqa: E402
 
-from libra_d2.deploy import compile_aoti, export_onnx_dynamo, export_program  # noqa: E402
+from libra_d2.deploy import (  # noqa: E402
+    compile_aoti,
+    export_onnx_dynamo,
+    export_program,
+    output_names,
+)
 
 FORMATS = ("eager", "export", "aoti", "onnx")
 
@@ -80,7 +85,7 @@ def runtimes(cfg, formats, threads, workdir):
         import onnxruntime
 
         path = os.path.join(workdir, "model.onnx")
-        seconds["ONNX export (dynamo)"] = export_onnx_dynamo(program, path)
+        seconds["ONNX export (dynamo)"] = export_onnx_dynamo(program, path, output_names(model))
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])

@@ -76,11 +76,10 @@ def unsupported_reason(model):
         return None
     if not isinstance(model, GeneralizedRCNN):
         return f"{type(model).__name__} is neither a GeneralizedRCNN nor a RetinaNet; {fix}"
+    if model.proposal_generator is None:
+        return "a Fast R-CNN (PrecomputedProposals) needs proposals as input, not only an image"
     if not isinstance(model.proposal_generator, RPN):
-        return (
-            f"a model without an RPN ({type(model.proposal_generator).__name__}) takes "
-            f"precomputed proposals, which an exported image-only program cannot; {fix}"
-        )
+        return f"{type(model.proposal_generator).__name__} is not an RPN; {fix}"
     heads = model.roi_heads
     if not isinstance(heads, StandardROIHeads):
         return f"{type(heads).__name__} is not a StandardROIHeads; {fix}"
@@ -427,12 +426,20 @@ def export_program(model, image, max_size, path=None):
     return program, seconds
 
 
+INDUCTOR_CONFIGS = {"cpp.simdlen": 1}
+"""AOTInductor settings of :func:`compile_aoti`: no explicit vectorisation of the generated CPU
+kernels (whose tiling analysis simplifies every index expression with sympy, which takes hours
+on this model's symbolic sizes); convolutions and matrix products are library calls anyway."""
+
+
 def compile_aoti(program, path):
     """AOTInductor package of ``program`` at ``path`` (a ``.pt2`` file); returns the seconds it
     took. Load it with ``torch._inductor.aoti_load_package(path)``."""
     start = time.perf_counter()
     tmp = f"{path}.tmp{os.getpid()}.pt2"
-    torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+    torch._inductor.aoti_compile_and_package(
+        program, package_path=tmp, inductor_configs=INDUCTOR_CONFIGS
+    )
     os.replace(tmp, path)
     return time.perf_counter() - start
 

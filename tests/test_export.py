@@ -1,6 +1,7 @@
-"""Deployment of Libra Faster R-CNN (BFP + IoU-balanced sampling + balanced L1): tracing to
-TorchScript and export to ONNX through detectron2's TracingAdapter, exported vs eager detections on
-libra_shapes val images, libra_d2's ONNX symbolic for adaptive max pooling, and export_model.py."""
+"""Deployment: Libra Faster R-CNN (BFP + IoU-balanced sampling + balanced L1) traced to TorchScript
+and ONNX through detectron2's TracingAdapter and scripted; torch.export, AOTInductor and dynamo
+ONNX of every model family (libra_d2/deploy.py), run in a process without detectron2; exported vs
+eager detections; the export-time replacements against detectron2's functions; export_model.py."""
 
 import io
 import json
@@ -22,10 +23,12 @@ import export_model
 from libra_d2.checks import load_config
 from libra_d2.deploy import (
     compile_aoti,
+    eager_detections,
     export_onnx_dynamo,
     export_program,
     fast_rcnn_inference_single_image,
     find_top_rpn_proposals,
+    output_names,
 )
 from libra_d2.export import (
     ExportError,
@@ -293,7 +296,7 @@ def _comparison_logs(caplog):
 
 
 def test_export_model_torchscript_default_sample_image(shapes_dataset, tmp_path, caplog):
-    argv = ["--config-file", CONFIG, "--output", str(tmp_path), "--atol", str(ATOL), *OPTS]
+    argv = ["--config-file", CONFIG, "--format", "torchscript", "--output", str(tmp_path), *OPTS]
     with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
         assert export_model.main(argv) == 0
     lines = _comparison_logs(caplog)  # the sample, landscape and portrait sizes
@@ -330,7 +333,7 @@ def test_export_model_reports_an_exported_model_that_differs(
         return [(o[0] + 0.5, *o[1:]) for o in outputs]
 
     monkeypatch.setattr(export_model, "run_in_fresh_process", half_a_pixel_off)
-    argv = ["--config-file", CONFIG, "--output", str(tmp_path), "--atol", str(ATOL), *OPTS]
+    argv = ["--config-file", CONFIG, "--format", "torchscript", "--output", str(tmp_path), *OPTS]
     with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
         assert export_model.main(argv) == 1
     assert "max |boxes diff| = 0.5, max |scores diff| = 0\n" in caplog.text
@@ -366,14 +369,14 @@ def test_export_model_fails_when_it_cannot_check(val_images, tmp_path, monkeypat
 
 
 def test_export_model_refuses_models_without_an_export_path(tmp_path, capsys):
-    config = CONFIG.replace("libra_faster_rcnn_R_18_FPN", "libra_retinanet_R_18_FPN")
+    config = CONFIG.replace("libra_faster_rcnn_R_18_FPN", "libra_fast_rcnn_R_18_FPN")
     with pytest.raises(SystemExit) as e:
-        export_model.main(
-            ["--config-file", config, "--format", "export", "--output", str(tmp_path)]
-        )
+        export_model.main(["--config-file", config, "--output", str(tmp_path)])
     assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "--format export: LibraRetinaNet (one-stage detector) has no torch.export path" in err
+    assert capsys.readouterr().err == (
+        "export_model.py: error: --format export: a Fast R-CNN (PrecomputedProposals) needs "
+        "proposals as input, not only an image\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -435,19 +438,19 @@ def _run_fresh(fmt, path, images):
 
 
 def _assert_same_as_eager(model, images, outputs):
-    """Same count and classes, boxes within 1e-3 px, scores within 1e-4; returns the max
-    differences (boxes, scores) per image."""
-    diffs = []
+    """Same count and classes, boxes within 1e-3 px, scores within 1e-4, mask probabilities
+    within 1e-3 (mask models); detections on all but the last image (NaNs), none on it."""
     for image, output in zip(images, outputs):
-        with torch.no_grad():
-            (expected,) = model.inference([{"image": image}], do_postprocess=False)
-        actual = export_model.instances_of(output)
+        expected = eager_detections(model, image)
+        actual = export_model.instances_of(output, output_names(model))
         assert len(actual) == len(expected)
         assert torch.equal(actual.pred_classes, expected.pred_classes)
         assert tuple(actual.image_size) == tuple(image.shape[1:])
-        diffs.append(export_model.max_differences(expected, actual))
-        assert diffs[-1][0] <= 1e-3 and diffs[-1][1] <= 1e-4, diffs[-1]
-    return diffs
+        boxes, scores = export_model.max_differences(expected, actual)
+        assert boxes <= 1e-3 and scores <= 1e-4, (boxes, scores)
+        assert actual.has("pred_masks") == expected.has("pred_masks")
+        assert export_model.max_mask_difference(expected, actual) <= 1e-3
+    assert [len(o[0]) > 0 for o in outputs] == [True] * (len(outputs) - 1) + [False]
 
 
 def _rpn_inputs(model, image):
@@ -544,9 +547,30 @@ def test_exported_program_runs_without_detectron2(model, exported, photo_images)
     _, path = exported
     sizes = [tuple(image.shape[1:]) for image in photo_images]
     assert sizes[0][0] > sizes[0][1] and sizes[1][0] < sizes[1][1] and sizes[2][0] > sizes[2][1]
-    outputs = _run_fresh("export", path, photo_images)
-    _assert_same_as_eager(model, photo_images, outputs)
-    assert [len(o[0]) for o in outputs[:3]] == [100] * 3 and len(outputs[3][0]) == 0
+    _assert_same_as_eager(model, photo_images, _run_fresh("export", path, photo_images))
+
+
+FAMILIES = [
+    "faster_rcnn_R_18_FPN",  # detectron2's baseline: FPN without BFP, StandardROIHeads
+    "libra_mask_rcnn_R_18_FPN",
+    "libra_cascade_mask_rcnn_R_18_FPN",
+    "libra_retinanet_R_18_FPN",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_exports_and_runs_without_detectron2(name, photo_images, tmp_path):
+    config = CONFIG.replace("libra_faster_rcnn_R_18_FPN", name)
+    cfg = load_config(config, OPTS + ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    if hasattr(model.backbone, "bfp"):  # as in the `model` fixture
+        with torch.no_grad():
+            nn.init.normal_(model.backbone.bfp.refine.conv_out.weight, std=0.05)
+    path = str(tmp_path / "model.pt2")
+    export_program(model, photo_images[0], cfg.INPUT.MAX_SIZE_TEST, path)
+    _assert_same_as_eager(model, photo_images, _run_fresh("export", path, photo_images))
 
 
 @pytest.mark.slow
@@ -554,10 +578,8 @@ def test_onnx_dynamo_runs_without_detectron2(model, exported, photo_images, tmp_
     pytest.importorskip("onnxruntime")
     program, _ = exported
     path = str(tmp_path / "model.onnx")
-    export_onnx_dynamo(program, path)
-    outputs = _run_fresh("onnx", path, photo_images)
-    _assert_same_as_eager(model, photo_images, outputs)
-    assert len(outputs[3][0]) == 0
+    export_onnx_dynamo(program, path, output_names(model))
+    _assert_same_as_eager(model, photo_images, _run_fresh("onnx", path, photo_images))
 
 
 @pytest.mark.slow
@@ -566,9 +588,7 @@ def test_aoti_package_runs_without_detectron2(model, exported, photo_images, tmp
     program, _ = exported
     path = str(tmp_path / "model_aoti.pt2")
     compile_aoti(program, path)
-    outputs = _run_fresh("aoti", path, photo_images)
-    _assert_same_as_eager(model, photo_images, outputs)
-    assert len(outputs[3][0]) == 0
+    _assert_same_as_eager(model, photo_images, _run_fresh("aoti", path, photo_images))
 
 
 def test_fresh_process_cannot_import_detectron2(photo_images, tmp_path):
