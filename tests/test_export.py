@@ -550,9 +550,8 @@ def test_exported_program_runs_without_detectron2(model, exported, photo_images)
     _assert_same_as_eager(model, photo_images, _run_fresh("export", path, photo_images))
 
 
-FAMILIES = [
+FAMILIES = [  # Libra Mask R-CNN: test_export_model_default_format_on_a_mask_model
     "faster_rcnn_R_18_FPN",  # detectron2's baseline: FPN without BFP, StandardROIHeads
-    "libra_mask_rcnn_R_18_FPN",
     "libra_cascade_mask_rcnn_R_18_FPN",
     "libra_retinanet_R_18_FPN",
 ]
@@ -571,6 +570,26 @@ def test_every_family_exports_and_runs_without_detectron2(name, photo_images, tm
     path = str(tmp_path / "model.pt2")
     export_program(model, photo_images[0], cfg.INPUT.MAX_SIZE_TEST, path)
     _assert_same_as_eager(model, photo_images, _run_fresh("export", path, photo_images))
+
+
+@pytest.mark.slow
+def test_export_model_default_format_on_a_mask_model(shapes_dataset, tmp_path, caplog):
+    """export_model.py writes model.pt2 by default and checks it in a fresh process at three
+    sizes and on NaNs (mask probabilities included)."""
+    config = CONFIG.replace("libra_faster_rcnn_R_18_FPN", "libra_mask_rcnn_R_18_FPN")
+    with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
+        assert export_model.main(["--config-file", config, "--output", str(tmp_path), *OPTS]) == 0
+    lines = _comparison_logs(caplog)
+    assert [line.split(" vs eager at ")[1].split(":")[0] for line in lines] == [
+        "(224, 224)",
+        "(168, 224)",
+        "(224, 168)",
+        "(224, 224)",
+    ]
+    assert all("100 vs 100 detections" in line for line in lines[:3])
+    assert "0 vs 0 detections" in lines[3]
+    assert all("max |mask probabilities diff| = " in line for line in lines)
+    assert sorted(os.listdir(tmp_path)) == ["model.pt2"]
 
 
 @pytest.mark.slow
