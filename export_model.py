@@ -2,29 +2,30 @@
 """
 Export a libra_d2 (or detectron2) detector for deployment:
 
-* ``--format export``: ``torch.export`` with dynamic height and width (``model.pt2``);
+* ``--format export`` (default): ``torch.export`` with dynamic height and width (``model.pt2``);
 * ``--format aoti``: that program compiled by AOTInductor (``model_aoti.pt2``);
 * ``--format onnx``: ONNX (``model.onnx``), by default from that program through the dynamo
   exporter (``--onnx-exporter dynamo``), or by tracing with the TorchScript-based exporter
-  (``--onnx-exporter torchscript``);
+  (``--onnx-exporter torchscript``, deprecated in torch);
 * ``--format torchscript``: ``torch.jit.trace`` (``model.ts``), as detectron2's
-  ``tools/deploy/export_model.py --export-method tracing`` does.
+  ``tools/deploy/export_model.py --export-method tracing`` does (deprecated in torch).
 
     ./export_model.py --config-file configs/libra_shapes/libra_faster_rcnn_R_18_FPN.yaml \\
-        --format export --output output/export \\
+        --output output/export \\
         MODEL.WEIGHTS output/shapes/libra_faster_rcnn_R_18_FPN/model_final.pth
 
-The model is exported with one sample image (``--sample-image``; default: the first image of the
-config's first test dataset), resized like ``DefaultPredictor`` does. The exported model takes a
-float32 ``(3, H, W)`` image and returns ``pred_boxes``, ``pred_classes``, ``scores`` (mask models,
-traced formats: also ``pred_masks``, each detection's 28x28 mask probabilities) and ``image_size``
-without the final resize to the original image size (see ``libra_d2/deploy.py`` and
-``libra_d2/export.py``). The saved file is then run in a fresh process that cannot import
-detectron2, libra_d2, fvcore or mmdet (``libra_d2/run_exported.py``) on the sample image, on it
-resized to a smaller landscape size and transposed to portrait, and (``torch.export`` formats) on
-an image of NaNs, whose proposals are all non-finite (no detections); exit status 0 only if every
-image gives the same classes as eager inference and boxes, scores and mask probabilities within
-``--atol``; 1 if they differ or the check could not run.
+The ``torch.export`` formats cover Faster, Mask and Cascade (Mask) R-CNN and RetinaNet (Libra and
+detectron2's; ``libra_d2/deploy.py``); other models are refused in one line. The model is exported
+with one sample image (``--sample-image``; default: the first image of the config's first test
+dataset), resized like ``DefaultPredictor`` does. The exported model takes a float32 ``(3, H, W)``
+image and returns ``pred_boxes``, ``pred_classes``, ``scores``, mask models ``pred_masks`` (each
+detection's 28x28 mask probabilities) and ``image_size``, without the final resize to the original
+image size. The saved file is then run in a fresh process that cannot import detectron2,
+libra_d2, fvcore or mmdet (``libra_d2/run_exported.py``) on the sample image, on it resized to a
+smaller landscape and portrait size, and (``torch.export`` formats) on an image of NaNs, which
+has no detections; exit status 0 only if every image gives the same detections and classes as
+eager inference, boxes and mask probabilities within ``--atol`` and scores within
+``--score-atol``; 1 if they differ or the check could not run.
 """
 
 import argparse

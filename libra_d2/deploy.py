@@ -428,8 +428,9 @@ def export_program(model, image, max_size, path=None):
 
 INDUCTOR_CONFIGS = {"cpp.simdlen": 1}
 """AOTInductor settings of :func:`compile_aoti`: no explicit vectorisation of the generated CPU
-kernels (whose tiling analysis simplifies every index expression with sympy, which takes hours
-on this model's symbolic sizes); convolutions and matrix products are library calls anyway."""
+kernels. Inductor's tiling analysis simplifies every index expression with sympy, which on this
+model's symbolic sizes had not finished after 15 minutes (R-18 shapes model; 192 s without it).
+Convolutions and matrix products are library calls either way."""
 
 
 def compile_aoti(program, path):
