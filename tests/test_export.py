@@ -523,6 +523,34 @@ def test_fast_rcnn_inference_equals_detectron2s(model, photo_images):
         assert torch.equal(actual[2], expected.pred_classes)
 
 
+def test_padding_pooling_and_clipping_equal_detectron2s(model, photo_images):
+    from detectron2.modeling.poolers import assign_boxes_to_levels
+    from detectron2.structures import ImageList
+
+    from libra_d2.deploy import _clip, _pool, pad_image
+
+    for h, w in [(224, 191), (65, 65), (96, 97), (129, 200)]:
+        image = torch.rand(3, h, w)
+        expected = ImageList.from_tensors([image], model.backbone.size_divisibility).tensor
+        assert torch.equal(pad_image(image, model.backbone.size_divisibility), expected)
+    image = photo_images[0]
+    heads = model.roi_heads
+    with torch.no_grad():
+        (expected,) = model.inference([{"image": image}], do_postprocess=False)
+        features = model.backbone(model.preprocess_image([{"image": image}]).tensor)
+        features = [features[f] for f in heads.box_in_features]
+        boxes = expected.pred_boxes.tensor * 1.5 - 20  # some outside the image
+        boxes[:4, 2:] += torch.tensor([[0.0, 0.0], [100.0, 100.0], [250.0, 250.0], [600.0, 600.0]])
+        p = heads.box_pooler
+        levels = assign_boxes_to_levels([Boxes(boxes)], p.min_level, p.max_level, 224, 4)
+        assert len(levels.unique()) == len(features)  # boxes on every level
+        pooled = heads.box_pooler(features, [Boxes(boxes)])
+        assert torch.equal(_pool(heads.box_pooler, features, boxes), pooled)
+    clipped = Boxes(boxes.clone())
+    clipped.clip(tuple(image.shape[1:]))
+    assert torch.equal(_clip(boxes, tuple(image.shape[1:])), clipped.tensor)
+
+
 @pytest.mark.parametrize(
     "in_size, out_size",
     [
