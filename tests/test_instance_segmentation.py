@@ -315,5 +315,5 @@ def test_export_model_exports_libra_mask_rcnn(tmp_path, shapes_dataset, caplog):
     argv = ["--config-file", config, "--format", "torchscript", "--output", str(tmp_path)]
     with caplog.at_level("INFO", logger="libra_d2.export_model"):
         assert export_model.main([*argv, "MODEL.DEVICE", "cpu"]) == 0
-    [masks] = re.findall(r"max \|mask probabilities diff\| = ([^\s,]+)", caplog.text)
-    assert float(masks) == 0.0
+    masks = re.findall(r"max \|mask probabilities diff\| = ([^\s,]+)", caplog.text)
+    assert [float(m) for m in masks] == [0.0] * 3  # the sample, landscape and portrait sizes
