@@ -76,11 +76,6 @@ def runtimes(cfg, formats, threads, workdir):
     if "export" in formats:
         module = program.module()
         fns["export"] = lambda: module(image)
-    if "aoti" in formats:
-        path = os.path.join(workdir, "model_aoti.pt2")
-        seconds["AOTInductor compile"] = compile_aoti(program, path)
-        package = torch._inductor.aoti_load_package(path)
-        fns["aoti"] = lambda: package(image)
     if "onnx" in formats:
         import onnxruntime
 
@@ -91,6 +86,12 @@ def runtimes(cfg, formats, threads, workdir):
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         feed = {"image": image.numpy()}
         fns["onnx"] = lambda: session.run(None, feed)
+    if "aoti" in formats:  # after the ONNX conversion: an ONNX file converted after
+        # the AOTInductor compile of the same program failed in onnxruntime
+        path = os.path.join(workdir, "model_aoti.pt2")
+        seconds["AOTInductor compile"] = compile_aoti(program, path)
+        package = torch._inductor.aoti_load_package(path)
+        fns["aoti"] = lambda: package(image)
     return fns, seconds
 
 
@@ -120,18 +121,15 @@ def main(argv=None):
                 "median_s": {name: float(np.median(t)) for name, t in times.items()},
                 "libra_over_baseline": paired_ratio(times["libra"], times["baseline"]),
             }
-    print(f"\n| runtime | baseline (s) | Libra (s) | Libra / baseline |  ({args.threads} threads)")
-    print("|---|---:|---:|---:|")
-    for fmt in args.formats:
-        r = results[fmt]
-        ratio = r["libra_over_baseline"]
-        print(
-            f"| {fmt} | {r['median_s']['baseline']:.3f} | {r['median_s']['libra']:.3f} | "
-            f"{ratio['median']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}] |"
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            r, ratio = results[fmt], results[fmt]["libra_over_baseline"]
+            print(
+                f"| {fmt} | {r['median_s']['baseline']:.3f} | {r['median_s']['libra']:.3f} | "
+                f"{ratio['median']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}] |",
+                flush=True,
+            )
+            if args.json:  # after every runtime, so that a failing one loses nothing
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
