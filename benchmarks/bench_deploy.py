@@ -86,8 +86,8 @@ def runtimes(cfg, formats, threads, workdir):
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         feed = {"image": image.numpy()}
         fns["onnx"] = lambda: session.run(None, feed)
-    if "aoti" in formats:  # after the ONNX conversion: an ONNX file converted after
-        # the AOTInductor compile of the same program failed in onnxruntime
+    if "aoti" in formats:  # a fresh program: conversions may modify the one they are given
+        program, _ = export_program(model, image, cfg.INPUT.MAX_SIZE_TEST)
         path = os.path.join(workdir, "model_aoti.pt2")
         seconds["AOTInductor compile"] = compile_aoti(program, path)
         package = torch._inductor.aoti_load_package(path)

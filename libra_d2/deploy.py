@@ -435,7 +435,8 @@ Convolutions and matrix products are library calls either way."""
 
 def compile_aoti(program, path):
     """AOTInductor package of ``program`` at ``path`` (a ``.pt2`` file); returns the seconds it
-    took. Load it with ``torch._inductor.aoti_load_package(path)``."""
+    took. Load it with ``torch._inductor.aoti_load_package(path)``. Give it a program that no
+    other conversion has used: one converted to ONNX before fails to compile."""
     start = time.perf_counter()
     tmp = f"{path}.tmp{os.getpid()}.pt2"
     torch._inductor.aoti_compile_and_package(

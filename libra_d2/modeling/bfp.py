@@ -115,13 +115,19 @@ def _max_pool_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
     """
     ``F.adaptive_max_pool2d(x, size)``, same values and gradient. When ``x`` needs a gradient, the
     backward keeps only the indices, so a pyramid level gathered this way is not held twice (as
-    the FPN output here and the BFP output in the heads) until the backward. Under
-    ``torch.export``, :func:`adaptive_max_pool2d_by_gather`.
+    the FPN output here and the BFP output in the heads) until the backward.
     """
     if not torch.jit.is_scripting():  # TorchScript has no autograd.Function
         if torch.is_grad_enabled() and x.requires_grad:
             return _MaxPoolTo.apply(x, tuple(size))
-        if torch.compiler.is_exporting():  # ATen's op specialises its output size
+    return _adaptive_max_pool2d(x, size)
+
+
+def _adaptive_max_pool2d(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """``F.adaptive_max_pool2d(x, size)``; :func:`adaptive_max_pool2d_by_gather` under
+    ``torch.export`` (ATen's op specialises its output size)."""
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_exporting():
             return adaptive_max_pool2d_by_gather(x, size)
     return F.adaptive_max_pool2d(x, size)
 
@@ -217,7 +223,7 @@ class BalancedFeaturePyramid(nn.Module):
             if i < self.refine_level:
                 residual = F.interpolate(bsf, size=level_hw, mode="nearest")
             elif i > self.refine_level:
-                residual = _max_pool_to(bsf, level_hw)
+                residual = _adaptive_max_pool2d(bsf, level_hw)
             else:
                 residual = bsf
             outs.append(x + residual)
