@@ -260,10 +260,9 @@ def main(argv=None):
     traced = args.format == "torchscript" or (
         args.format == "onnx" and args.onnx_exporter == "torchscript"
     )
-    if not traced and unsupported_reason(model):
-        parser.exit(
-            2, f"export_model.py: error: --format {args.format}: {unsupported_reason(model)}\n"
-        )
+    reason = None if traced else unsupported_reason(model)
+    if reason:
+        parser.exit(2, f"export_model.py: error: --format {args.format}: {reason}\n")
     logger.info(f"Exporting with {sample} (input {tuple(image.shape)})")
     try:
         if args.format == "torchscript":

@@ -98,6 +98,18 @@ def pad_image(image, size_divisibility):
     return F.pad(image, (0, d * ((w + d - 1) // d) - w, 0, d * ((h + d - 1) // d) - h))[None]
 
 
+def _features(model, image):
+    """``model.backbone(model.preprocess_image([{"image": image}]).tensor)`` with the padding
+    computed from the shape (:func:`pad_image`)."""
+    x = (image.to(model.pixel_mean) - model.pixel_mean) / model.pixel_std
+    return model.backbone(pad_image(x, model.backbone.size_divisibility))
+
+
+def _image_size(h, w):
+    """``(2,)`` int64 tensor ``[h, w]`` of symbolic sizes."""
+    return torch.stack([torch.scalar_tensor(s, dtype=torch.int64) for s in (h, w)])
+
+
 def _clip(boxes, image_size):
     """``Boxes.clip`` of ``(R, 4)`` XYXY ``boxes`` (without its all-finite assertion)."""
     h, w = image_size
@@ -258,8 +270,7 @@ class ExportableRCNN(nn.Module):
     def forward(self, image):
         model, heads = self.model, self.model.roi_heads
         h, w = image.shape[-2:]
-        x = (image.to(model.pixel_mean) - model.pixel_mean) / model.pixel_std
-        features = model.backbone(pad_image(x, model.backbone.size_divisibility))
+        features = _features(model, image)
         proposals = self._proposals(features, (h, w))
         box_features = [features[f] for f in heads.box_in_features]
         if isinstance(heads, CascadeROIHeads):
@@ -286,7 +297,7 @@ class ExportableRCNN(nn.Module):
             if logits.shape[1] > 1:
                 logits = logits[torch.arange(logits.shape[0]), classes][:, None]
             outputs += (logits.sigmoid(),)
-        return outputs + (torch.stack([torch.scalar_tensor(s, dtype=torch.int64) for s in (h, w)]),)
+        return outputs + (_image_size(h, w),)
 
     def _proposals(self, features, image_size):
         """``RPN.forward`` at inference, ``find_top_rpn_proposals`` replaced: ``(P, 4)``."""
@@ -342,8 +353,7 @@ class ExportableRetinaNet(nn.Module):
     def forward(self, image):
         model = self.model
         h, w = image.shape[-2:]
-        x = (image.to(model.pixel_mean) - model.pixel_mean) / model.pixel_std
-        features = model.backbone(pad_image(x, model.backbone.size_divisibility))
+        features = _features(model, image)
         features = [features[f] for f in model.head_in_features]
         anchors = model.anchor_generator(features)
         logits, deltas = model._transpose_dense_predictions(
@@ -373,8 +383,7 @@ class ExportableRetinaNet(nn.Module):
         keep = keep[: model.max_detections_per_image]
         boxes, scores, classes = _clip(boxes[keep], (h, w)), scores[keep], classes[keep]
         (keep,) = torch.where(_boxes(boxes).nonempty())  # detector_postprocess
-        image_size = torch.stack([torch.scalar_tensor(s, dtype=torch.int64) for s in (h, w)])
-        return boxes[keep], classes[keep], scores[keep], image_size
+        return boxes[keep], classes[keep], scores[keep], _image_size(h, w)
 
 
 def exportable(model):
