@@ -178,12 +178,15 @@ def check_images(image):
 
 def run_in_fresh_process(fmt, path, images):
     """The outputs of the exported file ``path`` on ``images``, computed by
-    ``libra_d2/run_exported.py`` in a new process that cannot import detectron2 or libra_d2."""
+    ``libra_d2/run_exported.py`` in a new process that cannot import detectron2 or libra_d2, with
+    this process's number of threads."""
     with tempfile.TemporaryDirectory() as tmp:
         inputs, outputs = os.path.join(tmp, "inputs.pt"), os.path.join(tmp, "outputs.pt")
         torch.save([image.cpu() for image in images], inputs)
         done = subprocess.run(
-            [sys.executable, RUNNER, fmt, path, inputs, outputs], capture_output=True, text=True
+            [sys.executable, RUNNER, fmt, path, inputs, outputs, str(torch.get_num_threads())],
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1])

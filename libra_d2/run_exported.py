@@ -1,14 +1,17 @@
 """Run an exported detector in a process that cannot import detectron2, libra_d2, fvcore or mmdet.
 
-    python libra_d2/run_exported.py FORMAT MODEL INPUTS OUTPUTS
+    python libra_d2/run_exported.py FORMAT MODEL INPUTS OUTPUTS THREADS
 
 ``FORMAT``: export (``model.pt2``, ``torch.export.load``), aoti (AOTInductor package,
 ``torch._inductor.aoti_load_package``), onnx (onnxruntime, CPU) or torchscript (``torch.jit.load``).
 ``INPUTS``: a ``torch.save`` file of a list of float32 ``(3, H, W)`` images; ``OUTPUTS``: the file
 this writes, the list of each image's output tensors (``pred_boxes``, ``pred_classes``, ``scores``,
-[``pred_masks``,] ``image_size``). Only torch, torchvision and onnxruntime are imported: run as a
-script (not with ``-m``), this file does not import its package, and an import finder refuses
-the blocked packages, so a model that needs them fails here.
+[``pred_masks``,] ``image_size``); ``THREADS``: CPU threads (torch and onnxruntime), those of the
+reference it is compared with (the reduction order, hence the last bits, depend on them).
+
+Only torch, torchvision and onnxruntime are imported: run as a script (not with ``-m``), this file
+does not import its package, and an import finder refuses the blocked packages, so a model that
+needs them fails here.
 """
 
 import importlib.abc
@@ -26,7 +29,7 @@ class BlockImports(importlib.abc.MetaPathFinder):
         return None
 
 
-def load(fmt, path):
+def load(fmt, path, threads):
     """The exported model at ``path`` as a function ``image -> tuple of tensors``."""
     import torch
     import torchvision  # noqa: F401  (registers torchvision::nms and roi_align)
@@ -40,7 +43,9 @@ def load(fmt, path):
     if fmt == "onnx":
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda image: tuple(
             torch.from_numpy(o) for o in session.run(None, {name: image.numpy()})
@@ -50,11 +55,12 @@ def load(fmt, path):
 
 def main(argv):
     sys.meta_path.insert(0, BlockImports())
-    fmt, model_path, inputs_path, outputs_path = argv
+    fmt, model_path, inputs_path, outputs_path, threads = argv
     import torch
 
+    torch.set_num_threads(int(threads))
     images = torch.load(inputs_path, weights_only=False)
-    model = load(fmt, model_path)
+    model = load(fmt, model_path, int(threads))
     with torch.no_grad():
         outputs = [tuple(model(image)) for image in images]
     torch.save(outputs, outputs_path)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DETECTRON2_DATASETS", str(ROOT / "datasets"))
@@ -20,6 +21,15 @@ from mmdet_reference import mmdet, random_models  # noqa: E402, F401  (session f
 import libra_d2  # noqa: E402  (registers libra_shapes_* under the path set above)
 
 TINY_VAL = "libra_shapes_val_tiny"
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Restore torch's thread count after each test: scripts run in-process (``--threads``) set
+    it, and results compared bit for bit with another process depend on it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -661,7 +661,7 @@ def test_fresh_process_cannot_import_detectron2(photo_images, tmp_path):
     # inputs that need detectron2 to be unpickled: the runner's import guard refuses them
     inputs = tmp_path / "inputs.pt"
     torch.save([Boxes(torch.zeros(1, 4))], inputs)
-    args = [RUNNER, "export", "unused.pt2", str(inputs), str(tmp_path / "out.pt")]
+    args = [RUNNER, "export", "unused.pt2", str(inputs), str(tmp_path / "out.pt"), "1"]
     done = subprocess.run([sys.executable, *args], capture_output=True, text=True)
     assert done.returncode != 0
     assert "ImportError: detectron2 cannot be imported here" in done.stderr
