@@ -20,10 +20,13 @@ The BFP's adaptive max pooling takes symbolic sizes under ``torch.export``
 (:func:`libra_d2.modeling.bfp.adaptive_max_pool2d_by_gather`). Training and eager inference are
 detectron2's code; these replacements only run inside the wrappers.
 
-Exported model: input ``image``, float32 ``(3, H, W)`` in ``cfg.INPUT.FORMAT`` order (resized
-like the test-time transform); outputs (:func:`output_names`) ``pred_boxes`` ``(R, 4)`` float32
-XYXY in input coordinates, ``pred_classes`` ``(R,)`` int64, ``scores`` ``(R,)`` float32, mask
-models ``pred_masks`` ``(R, 1, M, M)`` float32 mask probabilities, ``image_size`` ``(2,)`` int64;
+Exported model: input ``image``, a contiguous float32 ``(3, H, W)`` tensor in ``cfg.INPUT.FORMAT``
+order (resized like the test-time transform); AOTInductor packages read their input with the
+strides of the export example, which is contiguous, so an image that is a view (e.g.
+``torch.from_numpy(hwc).permute(2, 0, 1)``) must be made ``.contiguous()`` first. Outputs
+(:func:`output_names`) ``pred_boxes`` ``(R, 4)`` float32 XYXY in input coordinates,
+``pred_classes`` ``(R,)`` int64, ``scores`` ``(R,)`` float32, mask models ``pred_masks`` ``(R, 1,
+M, M)`` float32 mask probabilities, ``image_size`` ``(2,)`` int64;
 ``R`` depends on the image. The reference is :func:`eager_detections`.
 """
 
@@ -407,7 +410,8 @@ def eager_detections(model, image):
 
 def export_program(model, image, max_size, path=None):
     """
-    ``torch.export`` of :func:`exportable` of ``model`` with dynamic height and width, each from
+    ``torch.export`` of :func:`exportable` of ``model`` (example input ``image``, made contiguous)
+    with dynamic height and width, each from
     the coarsest feature stride + 1 (the coarsest level has at least 2 positions: 65 for P2-P6,
     129 for P3-P7) to ``max_size`` (``INPUT.MAX_SIZE_TEST``), saved with ``torch.export.save``
     (atomically) if ``path``.
@@ -416,6 +420,7 @@ def export_program(model, image, max_size, path=None):
         (ExportedProgram, float): the program and the export time in seconds.
     """
     module = exportable(model)
+    image = image.contiguous()  # the input layout an AOTInductor package of the program expects
     low = max(s.stride for s in model.backbone.output_shape().values()) + 1
     h = torch.export.Dim("height", min=low, max=max_size)
     w = torch.export.Dim("width", min=low, max=max_size)

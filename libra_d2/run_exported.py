@@ -15,6 +15,7 @@ needs them fails here.
 """
 
 import importlib.abc
+import os
 import sys
 
 BLOCKED = ("detectron2", "libra_d2", "fvcore", "mmdet")
@@ -55,6 +56,8 @@ def load(fmt, path, threads):
 
 def main(argv):
     sys.meta_path.insert(0, BlockImports())
+    # AOTInductor packages then check their input's sizes and strides (a view is refused)
+    os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
     fmt, model_path, inputs_path, outputs_path, threads = argv
     import torch
 
@@ -62,7 +65,7 @@ def main(argv):
     images = torch.load(inputs_path, weights_only=False)
     model = load(fmt, model_path, int(threads))
     with torch.no_grad():
-        outputs = [tuple(model(image)) for image in images]
+        outputs = [tuple(model(image.contiguous())) for image in images]
     torch.save(outputs, outputs_path)
 
 

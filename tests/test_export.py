@@ -629,32 +629,17 @@ def test_onnx_dynamo_runs_without_detectron2(model, exported, photo_images, tmp_
     _assert_same_as_eager(model, photo_images, _run_fresh("onnx", path, photo_images))
 
 
-@pytest.fixture(scope="module")
-def aoti_outputs(model, photo_images, tmp_path_factory):
-    """The outputs of the AOTInductor package of the Libra model on the photo images, run in a
-    fresh process (the suite's only AOTInductor compile: minutes on 2 cores). The program is
-    exported anew: one already converted to ONNX fails to compile (unbound unbacked symbols)."""
+@pytest.mark.slow
+def test_aoti_package_runs_without_detectron2(model, photo_images, tmp_path):
+    """The suite's only AOTInductor compile (minutes on 2 cores), from a program exported anew
+    (one already converted to ONNX fails to compile). The photo is a view of an HWC array, as
+    detectron2's DefaultPredictor makes it: the package expects a contiguous image, the layout
+    of the (contiguous) export example, and gives other layouts' bytes wrong meanings."""
+    assert not photo_images[0].is_contiguous()
     program, _ = export_program(model, photo_images[0], 224)
-    path = str(tmp_path_factory.mktemp("aoti") / "model_aoti.pt2")
+    path = str(tmp_path / "model_aoti.pt2")
     compile_aoti(program, path)
-    return _run_fresh("aoti", path, photo_images)
-
-
-@pytest.mark.slow
-def test_aoti_package_at_the_export_size_and_on_nans(model, photo_images, aoti_outputs):
-    images, outputs = photo_images[::3], aoti_outputs[::3]
-    _assert_same_as_eager(model, images, outputs)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="known: at sizes other than the export size the AOTInductor package of the Libra "
-    "model differs from eager (scores up to 0.016 at 168x191) while the same torch.export "
-    "program is exact; not located yet. export_model.py's check reports it (exit 1).",
-)
-def test_aoti_package_at_other_sizes(model, photo_images, aoti_outputs):
-    _assert_same_as_eager(model, photo_images[1:], aoti_outputs[1:])
+    _assert_same_as_eager(model, photo_images, _run_fresh("aoti", path, photo_images))
 
 
 def test_fresh_process_cannot_import_detectron2(photo_images, tmp_path):
