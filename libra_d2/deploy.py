@@ -440,11 +440,18 @@ def export_program(model, image, max_size, path=None):
     return program, seconds
 
 
-INDUCTOR_CONFIGS = {"cpp.simdlen": 1}
-"""AOTInductor settings of :func:`compile_aoti`: no explicit vectorisation of the generated CPU
-kernels. Inductor's tiling analysis simplifies every index expression with sympy, which on this
-model's symbolic sizes had not finished after 15 minutes (R-18 shapes model; 192 s without it).
-Convolutions and matrix products are library calls either way."""
+INDUCTOR_CONFIGS = {"cpp.simdlen": 1, "layout_optimization": False}
+"""AOTInductor settings of :func:`compile_aoti`.
+
+* ``cpp.simdlen 1``: no explicit vectorisation of the generated CPU kernels. Inductor's tiling
+  analysis simplifies every index expression with sympy, which on this model's symbolic sizes had
+  not finished after 15 minutes (R-18 shapes model; 192 s without it). Convolutions and matrix
+  products are library calls either way.
+* ``layout_optimization False``: tensors keep their layouts. With channels-last layouts chosen for
+  the convolutions, the mask head's first convolution (after ``roi_align``) returns strides other
+  than those the compiled code reads it with: mask logits off by 1e-2, and an error under
+  ``AOTI_RUNTIME_CHECK_INPUTS=1``.
+"""
 
 
 def compile_aoti(program, path):
