@@ -47,7 +47,6 @@ def test_two_process_cpu_training_and_gathered_evaluation(shapes_dataset, tmp_pa
     common = [
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "DATALOADER.NUM_WORKERS", "0",
         "SOLVER.BASE_LR", "0.01", "SEED", "7", "MODEL.RPN.POST_NMS_TOPK_TEST", "100",
-        "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",  # a cheaper evaluation
     ]  # fmt: skip
     train = subprocess.run(
         [sys.executable, str(ROOT / "train_net.py"), "--num-gpus", "2", "--dist-url", "auto",
