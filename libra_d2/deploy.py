@@ -25,9 +25,9 @@ order (resized like the test-time transform); AOTInductor packages read their in
 strides of the export example, which is contiguous, so an image that is a view (e.g.
 ``torch.from_numpy(hwc).permute(2, 0, 1)``) must be made ``.contiguous()`` first. Outputs
 (:func:`output_names`) ``pred_boxes`` ``(R, 4)`` float32 XYXY in input coordinates,
-``pred_classes`` ``(R,)`` int64, ``scores`` ``(R,)`` float32, mask models ``pred_masks`` ``(R, 1,
-M, M)`` float32 mask probabilities, ``image_size`` ``(2,)`` int64;
-``R`` depends on the image. The reference is :func:`eager_detections`.
+``pred_classes`` ``(R,)`` int64, ``scores`` ``(R,)`` float32, mask models ``pred_masks``
+``(R, 1, M, M)`` float32 mask probabilities, ``image_size`` ``(2,)`` int64; ``R`` depends on the
+image. The reference is :func:`eager_detections`.
 """
 
 import math
@@ -411,10 +411,9 @@ def eager_detections(model, image):
 def export_program(model, image, max_size, path=None):
     """
     ``torch.export`` of :func:`exportable` of ``model`` (example input ``image``, made contiguous)
-    with dynamic height and width, each from
-    the coarsest feature stride + 1 (the coarsest level has at least 2 positions: 65 for P2-P6,
-    129 for P3-P7) to ``max_size`` (``INPUT.MAX_SIZE_TEST``), saved with ``torch.export.save``
-    (atomically) if ``path``.
+    with dynamic height and width, each from the coarsest feature stride + 1 (the coarsest level
+    has at least 2 positions: 65 for P2-P6, 129 for P3-P7) to ``max_size``
+    (``INPUT.MAX_SIZE_TEST``), saved with ``torch.export.save`` (atomically) if ``path``.
 
     Returns:
         (ExportedProgram, float): the program and the export time in seconds.

@@ -60,15 +60,23 @@ def cfg():
     return load_config(CONFIG, OPTS)
 
 
-@pytest.fixture(scope="module")
-def model(cfg):
+def _family_model(name):
+    """The model of the shapes config ``name`` (score thresholds 0), seeded; a new non-local block
+    is the identity (zero output conv): it gets weights so that the attention path of the BFP
+    changes the detections, as in a trained model."""
+    config = CONFIG.replace("libra_faster_rcnn_R_18_FPN", name)
+    cfg = load_config(config, OPTS + ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    # A new non-local block is the identity (zero output conv): give it weights so that the
-    # attention path of the BFP changes the detections, as in a trained model.
-    with torch.no_grad():
-        nn.init.normal_(model.backbone.bfp.refine.conv_out.weight, std=0.05)
+    if hasattr(model.backbone, "bfp"):
+        with torch.no_grad():
+            nn.init.normal_(model.backbone.bfp.refine.conv_out.weight, std=0.05)
     return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _family_model("libra_faster_rcnn_R_18_FPN")
 
 
 @pytest.fixture(scope="module")
@@ -582,18 +590,6 @@ FAMILIES = [  # Libra Cascade Mask R-CNN: test_export_model_default_format_on_a_
     "faster_rcnn_R_18_FPN",  # detectron2's baseline: FPN without BFP, StandardROIHeads
     "libra_retinanet_R_18_FPN",
 ]
-
-
-def _family_model(name):
-    """The shapes config ``name``'s model as the `model` fixture builds the Libra Faster R-CNN."""
-    config = CONFIG.replace("libra_faster_rcnn_R_18_FPN", name)
-    cfg = load_config(config, OPTS + ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0"])
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    if hasattr(model.backbone, "bfp"):
-        with torch.no_grad():
-            nn.init.normal_(model.backbone.bfp.refine.conv_out.weight, std=0.05)
-    return model
 
 
 @pytest.mark.slow
