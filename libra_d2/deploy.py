@@ -16,8 +16,10 @@ control flow depends on tensor values, which ``torch.export`` cannot trace:
   asserts that every box is finite, RetinaNet takes ``min`` of a data-dependent count: the
   wrappers pool, clip and select with symbolic counts.
 
-The BFP's adaptive max pooling takes symbolic sizes under ``torch.export``
-(:func:`libra_d2.modeling.bfp.adaptive_max_pool2d_by_gather`). Training and eager inference are
+Under ``torch.export`` the BFP's adaptive max pooling takes symbolic sizes, and its pooling and
+nearest resizing by integer factors become ``max_pool2d`` and repetition
+(:func:`libra_d2.modeling.bfp.adaptive_max_pool2d_for_export`,
+:func:`~libra_d2.modeling.bfp.interpolate_nearest_for_export`). Training and eager inference are
 detectron2's code; these replacements only run inside the wrappers.
 
 Exported model: input ``image``, a contiguous float32 ``(3, H, W)`` tensor in ``cfg.INPUT.FORMAT``

@@ -11,6 +11,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from fvcore.nn import weight_init
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..config import check_range
 
@@ -21,6 +22,8 @@ __all__ = [
     "build_resnet_bfp_backbone",
     "build_retinanet_resnet_bfp_backbone",
     "adaptive_max_pool2d_by_gather",
+    "adaptive_max_pool2d_for_export",
+    "interpolate_nearest_for_export",
 ]
 
 
@@ -123,12 +126,51 @@ def _max_pool_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
     return _adaptive_max_pool2d(x, size)
 
 
-def _adaptive_max_pool2d(x: torch.Tensor, size: List[int]) -> torch.Tensor:
-    """``F.adaptive_max_pool2d(x, size)``; :func:`adaptive_max_pool2d_by_gather` under
-    ``torch.export`` (ATen's op specialises its output size)."""
+def adaptive_max_pool2d_for_export(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """
+    ``F.adaptive_max_pool2d(x, size)`` (same values, exactly) for ``torch.export`` with dynamic
+    height and width, whose symbolic sizes ATen's op cannot take: ``F.max_pool2d`` with kernel =
+    stride = ``n // m`` (the same bins) when each input size ``n`` is provably a multiple of its
+    output size ``m`` without a guard (the BFP's finer levels and the level below the refine
+    level, from inputs padded to the size divisibility), else
+    :func:`adaptive_max_pool2d_by_gather`.
+    """
+    (h, w), (m_h, m_w) = x.shape[-2:], size
+    if statically_known_true(h % m_h == 0) and statically_known_true(w % m_w == 0):
+        return F.max_pool2d(x, (h // m_h, w // m_w))
+    return adaptive_max_pool2d_by_gather(x, size)
+
+
+def interpolate_nearest_for_export(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """
+    ``F.interpolate(x, size, mode="nearest")`` (same values, exactly) for ``torch.export``: each
+    position repeated ``m // n`` times along an axis when each output size ``m`` is provably a
+    multiple of the input size ``n`` without a guard (the BFP's scatter to finer levels and the
+    gather from the level below the refine level), which Inductor indexes by integer division;
+    else ``F.interpolate``.
+    """
+    (n, c, h, w), (m_h, m_w) = x.shape, size
+    if statically_known_true(m_h % h == 0) and statically_known_true(m_w % w == 0):
+        repeated = x[:, :, :, None, :, None].expand(n, c, h, m_h // h, w, m_w // w)
+        return repeated.reshape(n, c, m_h, m_w)
+    return F.interpolate(x, size=size, mode="nearest")
+
+
+def _interpolate_nearest(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="nearest")``; :func:`interpolate_nearest_for_export` under
+    ``torch.export``."""
     if not torch.jit.is_scripting():
         if torch.compiler.is_exporting():
-            return adaptive_max_pool2d_by_gather(x, size)
+            return interpolate_nearest_for_export(x, size)
+    return F.interpolate(x, size=size, mode="nearest")
+
+
+def _adaptive_max_pool2d(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """``F.adaptive_max_pool2d(x, size)``; :func:`adaptive_max_pool2d_for_export` under
+    ``torch.export``."""
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_exporting():
+            return adaptive_max_pool2d_for_export(x, size)
     return F.adaptive_max_pool2d(x, size)
 
 
@@ -205,7 +247,7 @@ class BalancedFeaturePyramid(nn.Module):
             if i < self.refine_level:
                 gathered.append(_max_pool_to(x, refine_hw))
             elif i > self.refine_level:
-                gathered.append(F.interpolate(x, size=refine_hw, mode="nearest"))
+                gathered.append(_interpolate_nearest(x, refine_hw))
             else:
                 gathered.append(x)
         bsf = gathered[0]
@@ -221,7 +263,7 @@ class BalancedFeaturePyramid(nn.Module):
         for i, x in enumerate(inputs):
             level_hw = x.shape[-2:]
             if i < self.refine_level:
-                residual = F.interpolate(bsf, size=level_hw, mode="nearest")
+                residual = _interpolate_nearest(bsf, level_hw)
             elif i > self.refine_level:
                 residual = _adaptive_max_pool2d(bsf, level_hw)
             else:
