@@ -23,9 +23,10 @@ detection's 28x28 mask probabilities) and ``image_size``, without the final resi
 image size. The saved file is then run in a fresh process that cannot import detectron2,
 libra_d2, fvcore or mmdet (``libra_d2/run_exported.py``) on the sample image, on it resized to a
 smaller landscape and portrait size, and (``torch.export`` formats) on an image of NaNs, which
-has no detections (AOTInductor, whose fused ReLUs turn NaN into 0: the mean image); exit status 0 only if every image gives the same detections and classes as
-eager inference, boxes and mask probabilities within ``--atol`` and scores within
-``--score-atol``; 1 if they differ or the check could not run.
+has no detections (AOTInductor, whose fused ReLUs turn NaN into 0: the mean image); exit status
+0 only if every image gives the same detections and classes as eager inference, boxes and mask
+probabilities within ``--atol`` and scores within ``--score-atol``; 1 if they differ or the
+check could not run.
 """
 
 import argparse
