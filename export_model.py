@@ -24,9 +24,9 @@ image size. The saved file is then run in a fresh process that cannot import det
 libra_d2, fvcore or mmdet (``libra_d2/run_exported.py``) on the sample image, on it resized to a
 smaller landscape and portrait size, and (``torch.export`` formats) on an image of NaNs, which
 has no detections (AOTInductor, whose fused ReLUs turn NaN into 0: the mean image); exit status
-0 only if every image gives the same detections and classes as eager inference, boxes and mask
-probabilities within ``--atol`` and scores within ``--score-atol``; 1 if they differ or the
-check could not run.
+0 only if every image gives eager inference's number and classes of detections (paired by class,
+box and score: detections whose scores nearly tie may swap), boxes and mask probabilities within
+``--atol`` and scores within ``--score-atol``; 1 if they differ or the check could not run.
 """
 
 import argparse
@@ -205,12 +205,29 @@ def instances_of(outputs, names):
     return instances
 
 
+def paired(expected, actual):
+    """``actual``'s detections in the order of ``expected``'s, each paired with the one of the
+    same class nearest in box and score (detections whose scores nearly tie may come out in either
+    order); None if the numbers of detections differ or no one-to-one pairing exists."""
+    if len(expected) != len(actual):
+        return None
+    if len(expected) == 0:
+        return actual
+    e, a = expected.pred_boxes.tensor.cpu(), actual.pred_boxes.tensor.cpu()
+    cost = (e[:, None] - a[None]).abs().amax(-1)
+    cost += (expected.scores.cpu()[:, None] - actual.scores.cpu()[None]).abs()
+    cost[expected.pred_classes.cpu()[:, None] != actual.pred_classes.cpu()[None]] = float("inf")
+    index = cost.argmin(1)
+    if len(set(index.tolist())) < len(index) or not cost.gather(1, index[:, None]).isfinite().all():
+        return None
+    return actual[index]
+
+
 def max_differences(expected, actual):
-    """Max |difference| of boxes and of scores; inf if the numbers or classes of detections
-    differ."""
-    if len(expected) != len(actual) or not torch.equal(
-        expected.pred_classes.cpu(), actual.pred_classes.cpu()
-    ):
+    """Max |difference| of boxes and of scores between the detections :func:`paired`; inf if
+    they cannot be paired (other numbers or classes of detections)."""
+    actual = paired(expected, actual)
+    if actual is None:
         return float("inf"), float("inf")
     if len(expected) == 0:
         return 0.0, 0.0
@@ -220,10 +237,13 @@ def max_differences(expected, actual):
 
 
 def max_mask_difference(expected, actual):
-    """Max |difference| of the mask probabilities of detections with the same classes (see
-    :func:`max_differences`); 0 for models without masks or without detections."""
+    """Max |difference| of the mask probabilities of the detections :func:`paired`; 0 for
+    models without masks or without detections, inf if they cannot be paired."""
     if not expected.has("pred_masks") or len(expected) == 0:
         return 0.0
+    actual = paired(expected, actual)
+    if actual is None:
+        return float("inf")
     return (expected.pred_masks.cpu() - actual.pred_masks.cpu()).abs().max().item()
 
 
@@ -306,7 +326,7 @@ def main(argv=None):
             expected = eager_detections(model, image)
             actual = instances_of(output, output_names(model))
         boxes, scores = max_differences(expected, actual)
-        masks = max_mask_difference(expected, actual) if boxes < float("inf") else float("inf")
+        masks = max_mask_difference(expected, actual)
         logger.info(
             f"{path} vs eager at {tuple(image.shape[1:])}: {len(actual)} vs {len(expected)} "
             f"detections, max |boxes diff| = {boxes:.3g}, max |scores diff| = {scores:.3g}"
