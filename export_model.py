@@ -22,8 +22,8 @@ image and returns ``pred_boxes``, ``pred_classes``, ``scores``, mask models ``pr
 detection's 28x28 mask probabilities) and ``image_size``, without the final resize to the original
 image size. The saved file is then run in a fresh process that cannot import detectron2,
 libra_d2, fvcore or mmdet (``libra_d2/run_exported.py``) on the sample image, on it resized to a
-smaller landscape and portrait size, and (``torch.export`` formats) on an image of NaNs, which
-has no detections (AOTInductor, whose fused ReLUs turn NaN into 0: the mean image); exit status
+smaller landscape and portrait size, and (``export`` and dynamo ``onnx``) on an image of NaNs,
+which has no detections (an AOTInductor package's fused ReLUs turn NaN into 0); exit status
 0 only if every image gives eager inference's number and classes of detections (paired by class,
 box and score: detections whose scores nearly tie may swap), boxes and mask probabilities within
 ``--atol`` and scores within ``--score-atol``; 1 if they differ or the check could not run.
@@ -308,9 +308,7 @@ def main(argv=None):
     logger.info(f"Wrote {path}")
 
     images = check_images(image)
-    if args.format == "aoti":  # its fused ReLUs (oneDNN) turn NaN into 0: the mean image
-        images.append(model.pixel_mean.expand_as(image).clone())
-    elif not traced:
+    if not traced and args.format != "aoti":  # AOTInductor's fused ReLUs turn NaN into 0
         images.append(torch.full_like(image, float("nan")))
     runtime = "onnx" if args.format == "onnx" else args.format
     try:
