@@ -16,11 +16,11 @@ control flow depends on tensor values, which ``torch.export`` cannot trace:
   asserts that every box is finite, RetinaNet takes ``min`` of a data-dependent count: the
   wrappers pool, clip and select with symbolic counts.
 
-Under ``torch.export`` the BFP's adaptive max pooling takes symbolic sizes, and its pooling and
-nearest resizing by integer factors become ``max_pool2d`` and repetition
-(:func:`libra_d2.modeling.bfp.adaptive_max_pool2d_for_export`,
-:func:`~libra_d2.modeling.bfp.interpolate_nearest_for_export`). Training and eager inference are
-detectron2's code; these replacements only run inside the wrappers.
+The BFP's own resizing (:func:`libra_d2.modeling.bfp.max_pool_to`,
+:func:`~libra_d2.modeling.bfp.add_nearest_upsampled`) takes symbolic sizes: block reductions and
+broadcast adds where the sizes divide, a gather (P4 -> P6) and ``F.interpolate`` (P6 -> P4)
+where they do not. Training and eager inference are detectron2's code; these replacements only
+run inside the wrappers.
 
 Exported model: input ``image``, a contiguous float32 ``(3, H, W)`` tensor in ``cfg.INPUT.FORMAT``
 order (resized like the test-time transform); AOTInductor packages read their input with the

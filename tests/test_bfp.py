@@ -332,7 +332,7 @@ def test_fp16_logits_beyond_the_fp16_range(device):
 def test_gather_max_pool_matches_adaptive_max_pool_and_frees_its_input(in_hw, out_hw):
     """The finer levels' gather: F.adaptive_max_pool2d's values and gradient (exact and
     overlapping windows), and the backward keeps only indices, not the pyramid level."""
-    from libra_d2.modeling.bfp import _max_pool_to
+    from libra_d2.modeling.bfp import max_pool_to
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, *in_hw, dtype=torch.float64, requires_grad=True)
@@ -342,9 +342,9 @@ def test_gather_max_pool_matches_adaptive_max_pool_and_frees_its_input(in_hw, ou
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = _max_pool_to(x, out_hw)
+        out = max_pool_to(x, out_hw)
     (got_grad,) = torch.autograd.grad(out, x, grad)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=0)
     assert [t.dtype for t in saved] == [torch.int64]  # the indices only
-    assert torch.autograd.gradcheck(lambda t: _max_pool_to(t, out_hw), (x,))
+    assert torch.autograd.gradcheck(lambda t: max_pool_to(t, out_hw), (x,))

@@ -50,8 +50,8 @@ from libra_d2.modeling import (
 from libra_d2.modeling.bfp import (
     NonLocal2d,
     adaptive_max_pool2d_by_gather,
-    adaptive_max_pool2d_for_export,
-    interpolate_nearest_for_export,
+    add_nearest_upsampled,
+    max_pool_to,
 )
 
 CONFIG = os.path.join(
@@ -576,30 +576,38 @@ def test_padding_pooling_and_clipping_equal_detectron2s(model, photo_images):
         ((9, 13), (9, 13)),
     ],
 )
-@pytest.mark.parametrize("pool", [adaptive_max_pool2d_by_gather, adaptive_max_pool2d_for_export])
-def test_adaptive_max_pool2d_for_export_equals_aten(pool, in_size, out_size):
-    # divisible (the BFP's gathers), 2k -> ceil(k/2) (to p6), upsampling along w, identity
+@pytest.mark.parametrize("pool", [adaptive_max_pool2d_by_gather, max_pool_to])
+def test_bfp_resizing_equals_aten(pool, in_size, out_size):
+    # divisible (the BFP's gathers), 2k -> ceil(k/2) (to p6), upsampling along w, identity; a
+    # NaN propagates as in ATen
     x = torch.randn(2, 3, *in_size, generator=torch.Generator().manual_seed(0))
+    x[1, 2, 0, 0] = float("nan")
     expected = F.adaptive_max_pool2d(x, out_size)
-    assert torch.equal(pool(x, list(out_size)), expected)
-    # the other direction: upsampling by (at least along one axis) integer factors
+    torch.testing.assert_close(pool(x, list(out_size)), expected, rtol=0, atol=0, equal_nan=True)
+    # the other direction: x + y upsampled by (at least along one axis) integer factors
     y = torch.randn(2, 3, *out_size, generator=torch.Generator().manual_seed(1))
-    expected = F.interpolate(y, size=in_size, mode="nearest")
-    assert torch.equal(interpolate_nearest_for_export(y, list(in_size)), expected)
+    expected = x + F.interpolate(y, size=in_size, mode="nearest")
+    got = add_nearest_upsampled(x, y)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
 
 
 def test_exported_bfp_resizes_by_integer_factors_where_the_sizes_divide(exported):
     # At every size of the padded input, P2 -> P4 and P3 -> P4 (gather) and P4 -> P5 (scatter)
-    # divide: max_pool2d; P4 -> P6 (ceil(P5 / 2)) does not: two index_selects (rows, columns).
-    # P5 -> P4 (gather), P4 -> P3 and P4 -> P2 (scatter) repeat; P6 -> P4 interpolates.
+    # divide: two amax each (columns, rows); P4 -> P6 (ceil(P5 / 2)) does not: two
+    # index_selects, two amax. P5 -> P4 (gather), P4 -> P3 and P4 -> P2 (scatter) are
+    # broadcast adds; only P6 -> P4 interpolates.
     aten = torch.ops.aten
-    calls = [(n.target, n.args) for n in exported[0].graph.nodes if n.op == "call_function"]
-    pools = [args[1:] for target, args in calls if target == aten.max_pool2d.default]
-    assert pools.count(([4, 4],)) == 1 and pools.count(([2, 2],)) == 2, pools
-    targets = [target for target, _ in calls]
+    targets = [  # the BFP's ops
+        n.target
+        for n in exported[0].graph.nodes
+        if n.op == "call_function"
+        and any(path.split(".")[-1] == "bfp" for path, _ in n.meta["nn_module_stack"].values())
+    ]
+    assert targets.count(aten.amax.default) == 8
     assert targets.count(aten.index_select.default) == 2
-    repeats = [args[1][3::2] for target, args in calls if target == aten.expand.default]
-    assert sorted(r for r in repeats if len(r) == 2) == [[2, 2], [2, 2], [4, 4]], repeats
+    assert targets.count(aten.upsample_nearest2d.vec) == 1
+    assert aten.max_pool2d.default not in targets
+    assert aten.adaptive_max_pool2d.default not in targets
 
 
 @pytest.mark.slow

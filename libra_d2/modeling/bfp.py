@@ -22,8 +22,8 @@ __all__ = [
     "build_resnet_bfp_backbone",
     "build_retinanet_resnet_bfp_backbone",
     "adaptive_max_pool2d_by_gather",
-    "adaptive_max_pool2d_for_export",
-    "interpolate_nearest_for_export",
+    "max_pool_to",
+    "add_nearest_upsampled",
 ]
 
 
@@ -114,64 +114,54 @@ def adaptive_max_pool2d_by_gather(x: torch.Tensor, size: List[int]) -> torch.Ten
     return x
 
 
-def _max_pool_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
-    """
-    ``F.adaptive_max_pool2d(x, size)``, same values and gradient. When ``x`` needs a gradient, the
-    backward keeps only the indices, so a pyramid level gathered this way is not held twice (as
-    the FPN output here and the BFP output in the heads) until the backward.
-    """
-    if not torch.jit.is_scripting():  # TorchScript has no autograd.Function
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _MaxPoolTo.apply(x, tuple(size))
-    return _adaptive_max_pool2d(x, size)
+def _divides(small, large) -> bool:
+    """Whether ``large`` is a multiple of ``small`` (under ``torch.export``: provably, without
+    adding a guard on the symbolic sizes). False under ``torch.jit.trace``, whose sizes are
+    traced tensors: the trace keeps ATen's resizing ops, which take them."""
+    if torch.jit.is_tracing():
+        return False
+    return statically_known_true(large % small == 0)
 
 
-def adaptive_max_pool2d_for_export(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+def max_pool_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
     """
-    ``F.adaptive_max_pool2d(x, size)`` (same values, exactly) for ``torch.export`` with dynamic
-    height and width, whose symbolic sizes ATen's op cannot take: ``F.max_pool2d`` with kernel =
-    stride = ``n // m`` (the same bins) when each input size ``n`` is provably a multiple of its
-    output size ``m`` without a guard (the BFP's finer levels and the level below the refine
-    level, from inputs padded to the size divisibility), else
+    ``F.adaptive_max_pool2d(x, size)`` for ``x`` of shape ``(N, C, H, W)``: the same values, and
+    when ``x`` requires grad the same gradient, with only the argmax indices kept for the
+    backward (so a pyramid level is not held twice until then).
+
+    Without grad, where ``H`` and ``W`` are multiples of ``size`` (the BFP's finer levels and
+    the level below the refine level: inputs are padded to the size divisibility), the bins are
+    ``H/h x W/w`` blocks, reduced by ``amax`` one axis at a time on a reshaped view; otherwise
+    ATen's op or, under ``torch.export`` (whose symbolic sizes ATen's op cannot take),
     :func:`adaptive_max_pool2d_by_gather`.
     """
-    (h, w), (m_h, m_w) = x.shape[-2:], size
-    if statically_known_true(h % m_h == 0) and statically_known_true(w % m_w == 0):
-        return F.max_pool2d(x, (h // m_h, w // m_w))
-    return adaptive_max_pool2d_by_gather(x, size)
-
-
-def interpolate_nearest_for_export(x: torch.Tensor, size: List[int]) -> torch.Tensor:
-    """
-    ``F.interpolate(x, size, mode="nearest")`` (same values, exactly) for ``torch.export``: each
-    position repeated ``m // n`` times along an axis when each output size ``m`` is provably a
-    multiple of the input size ``n`` without a guard (the BFP's scatter to finer levels and the
-    gather from the level below the refine level), which Inductor indexes by integer division;
-    else ``F.interpolate``.
-    """
-    (n, c, h, w), (m_h, m_w) = x.shape, size
-    if statically_known_true(m_h % h == 0) and statically_known_true(m_w % w == 0):
-        repeated = x[:, :, :, None, :, None].expand(n, c, h, m_h // h, w, m_w // w)
-        return repeated.reshape(n, c, m_h, m_w)
-    return F.interpolate(x, size=size, mode="nearest")
-
-
-def _interpolate_nearest(x: torch.Tensor, size: List[int]) -> torch.Tensor:
-    """``F.interpolate(x, size, mode="nearest")``; :func:`interpolate_nearest_for_export` under
-    ``torch.export``."""
-    if not torch.jit.is_scripting():
+    if not torch.jit.is_scripting():  # TorchScript has no autograd.Function or symbolic sizes
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _MaxPoolTo.apply(x, tuple(size))
+        (h, w), (m_h, m_w) = x.shape[-2:], size
+        if _divides(m_h, h) and _divides(m_w, w):
+            return x.unflatten(3, (m_w, w // m_w)).amax(4).unflatten(2, (m_h, h // m_h)).amax(3)
         if torch.compiler.is_exporting():
-            return interpolate_nearest_for_export(x, size)
-    return F.interpolate(x, size=size, mode="nearest")
-
-
-def _adaptive_max_pool2d(x: torch.Tensor, size: List[int]) -> torch.Tensor:
-    """``F.adaptive_max_pool2d(x, size)``; :func:`adaptive_max_pool2d_for_export` under
-    ``torch.export``."""
-    if not torch.jit.is_scripting():
-        if torch.compiler.is_exporting():
-            return adaptive_max_pool2d_for_export(x, size)
+            return adaptive_max_pool2d_by_gather(x, size)
     return F.adaptive_max_pool2d(x, size)
+
+
+def add_nearest_upsampled(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """
+    ``x + F.interpolate(y, size=x.shape[-2:], mode="nearest")`` (same values, exactly) for ``x``
+    ``(N, C, H, W)`` and ``y`` ``(N, C, h, w)``.
+
+    Where ``H`` and ``W`` are multiples of ``h`` and ``w``, each ``y`` value is broadcast over
+    its ``H/h x W/w`` block of a reshaped view of ``x``: the upsampled ``y`` is never
+    materialised (and under ``torch.export`` the sizes stay symbolic, with no index
+    arithmetic per element).
+    """
+    if not torch.jit.is_scripting():
+        (h, w), (m_h, m_w) = y.shape[-2:], x.shape[-2:]
+        if _divides(h, m_h) and _divides(w, m_w):
+            blocks = x.unflatten(3, (w, m_w // w)).unflatten(2, (h, m_h // h))
+            return (blocks + y[:, :, :, None, :, None]).flatten(4, 5).flatten(2, 3)
+    return x + F.interpolate(y, size=x.shape[-2:], mode="nearest")
 
 
 class BalancedFeaturePyramid(nn.Module):
@@ -239,20 +229,17 @@ class BalancedFeaturePyramid(nn.Module):
 
     def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
         """inputs: L tensors (N, C, H_i, W_i), fine to coarse -> list of L tensors, same shapes."""
-        refine_hw = inputs[self.refine_level].shape[-2:]
+        r, refine_hw = self.refine_level, inputs[self.refine_level].shape[-2:]
 
-        # 1. integrate: gather to the refine level's size and average
-        gathered = []
-        for i, x in enumerate(inputs):
-            if i < self.refine_level:
-                gathered.append(_max_pool_to(x, refine_hw))
-            elif i > self.refine_level:
-                gathered.append(_interpolate_nearest(x, refine_hw))
+        # 1. integrate: gather to the refine level's size and average (summed fine to coarse)
+        bsf = inputs[0] if r == 0 else max_pool_to(inputs[0], refine_hw)
+        for i in range(1, self.num_levels):
+            if i < r:
+                bsf = bsf + max_pool_to(inputs[i], refine_hw)
+            elif i > r:
+                bsf = add_nearest_upsampled(bsf, inputs[i])
             else:
-                gathered.append(x)
-        bsf = gathered[0]
-        for g in gathered[1:]:
-            bsf = bsf + g
+                bsf = bsf + inputs[i]
         bsf = bsf / self.num_levels
 
         # 2. refine
@@ -261,14 +248,12 @@ class BalancedFeaturePyramid(nn.Module):
         # 3. strengthen: scatter back and add to each level
         outs = []
         for i, x in enumerate(inputs):
-            level_hw = x.shape[-2:]
-            if i < self.refine_level:
-                residual = _interpolate_nearest(bsf, level_hw)
-            elif i > self.refine_level:
-                residual = _adaptive_max_pool2d(bsf, level_hw)
+            if i < r:
+                outs.append(add_nearest_upsampled(x, bsf))
+            elif i > r:
+                outs.append(x + max_pool_to(bsf, x.shape[-2:]))
             else:
-                residual = bsf
-            outs.append(x + residual)
+                outs.append(x + bsf)
         return outs
 
 
