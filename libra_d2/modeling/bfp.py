@@ -129,11 +129,11 @@ def max_pool_to(x: torch.Tensor, size: List[int]) -> torch.Tensor:
     when ``x`` requires grad the same gradient, with only the argmax indices kept for the
     backward (so a pyramid level is not held twice until then).
 
-    Without grad, where ``H`` and ``W`` are multiples of ``size`` (the BFP's finer levels and
-    the level below the refine level: inputs are padded to the size divisibility), the bins are
-    ``H/h x W/w`` blocks, reduced by ``amax`` one axis at a time on a reshaped view; otherwise
-    ATen's op or, under ``torch.export`` (whose symbolic sizes ATen's op cannot take),
-    :func:`adaptive_max_pool2d_by_gather`.
+    Without grad, where ``H`` and ``W`` are multiples of ``size = (h, w)`` (the BFP's finer
+    levels and the level below the refine level: inputs are padded to the size divisibility),
+    the bins are ``H/h x W/w`` blocks, reduced by ``amax`` one axis at a time on a reshaped
+    view; otherwise ATen's op or, under ``torch.export`` (whose symbolic sizes ATen's op cannot
+    take), :func:`adaptive_max_pool2d_by_gather`.
     """
     if not torch.jit.is_scripting():  # TorchScript has no autograd.Function or symbolic sizes
         if torch.is_grad_enabled() and x.requires_grad:
