@@ -7,8 +7,8 @@ one image, with the export and compile times.
 
 Default: the COCO R-50-FPN 1x configs at 800x1333; ``--shapes``: the libra_shapes R-18 configs at
 224x224. Models are randomly initialised as in ``bench_libra.py`` (whose helpers this uses), with
-RPNs that give both models the same proposals (:func:`same_proposals`); every
-runtime runs with ``torch.set_num_threads(--threads)`` (onnxruntime: ``intra_op_num_threads``).
+RPNs that give both models the same proposals (:func:`same_proposals`); every runtime runs with
+``torch.set_num_threads(--threads)`` (onnxruntime: ``intra_op_num_threads``).
 Per runtime, the two models take turns each round (order rotating); the table gives the median
 of ``--iters`` timed rounds after ``--warmup`` and the Libra/baseline ratio (median of per-round
 ratios, bootstrap 95% interval).
@@ -63,12 +63,10 @@ def build_parser():
 
 def same_proposals(model):
     """
-    Zero the RPN's objectness and box-delta convolutions, so that every anchor scores the same
-    with zero deltas and both models keep the same proposals (the same anchors, by the same
-    tie-breaking) whatever their features. With random weights, the BFP shifts the RPN's
-    proposals to larger boxes, whose RoIAlign (sampling ratio 0: adaptive) reads more samples: a
-    cost of the random weights, not of Libra (eager, one run of 12 rounds: ratio 1.066 with the
-    random RPNs, 1.048 with these).
+    Zero the RPN's objectness and box-delta convolutions: every anchor scores the same with zero
+    deltas, so both models keep the same proposals (the same anchors, by the same tie-breaking)
+    whatever their features, and the RoI heads' data-dependent work (RoIAlign's adaptive
+    sampling) is the same in both (why: docs/BENCHMARKS.md).
     """
     head = model.proposal_generator.rpn_head
     for conv in (head.objectness_logits, head.anchor_deltas):
