@@ -576,14 +576,17 @@ def test_padding_pooling_and_clipping_equal_detectron2s(model, photo_images):
         ((9, 13), (9, 13)),
     ],
 )
-@pytest.mark.parametrize("pool", [adaptive_max_pool2d_by_gather, max_pool_to])
-def test_bfp_resizing_equals_aten(pool, in_size, out_size):
+@pytest.mark.parametrize("exporting", [False, True])
+def test_bfp_resizing_equals_aten(exporting, in_size, out_size, monkeypatch):
     # divisible (the BFP's gathers), 2k -> ceil(k/2) (to p6), upsampling along w, identity; a
-    # NaN propagates as in ATen
+    # NaN propagates as in ATen. exporting: the forms traced under torch.export.
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: exporting)
     x = torch.randn(2, 3, *in_size, generator=torch.Generator().manual_seed(0))
     x[1, 2, 0, 0] = float("nan")
     expected = F.adaptive_max_pool2d(x, out_size)
-    torch.testing.assert_close(pool(x, list(out_size)), expected, rtol=0, atol=0, equal_nan=True)
+    for pool in (adaptive_max_pool2d_by_gather, max_pool_to):
+        got = pool(x, list(out_size))
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
     # the other direction: x + y upsampled by (at least along one axis) integer factors
     y = torch.randn(2, 3, *out_size, generator=torch.Generator().manual_seed(1))
     expected = x + F.interpolate(y, size=in_size, mode="nearest")
@@ -594,8 +597,8 @@ def test_bfp_resizing_equals_aten(pool, in_size, out_size):
 def test_exported_bfp_resizes_by_integer_factors_where_the_sizes_divide(exported):
     # At every size of the padded input, P2 -> P4 and P3 -> P4 (gather) and P4 -> P5 (scatter)
     # divide: two amax each (columns, rows); P4 -> P6 (ceil(P5 / 2)) does not: two
-    # index_selects, two amax. P5 -> P4 (gather), P4 -> P3 and P4 -> P2 (scatter) are
-    # broadcast adds; only P6 -> P4 interpolates.
+    # gathers by an index matrix, two amax. P5 -> P4 (gather), P4 -> P3 and P4 -> P2 (scatter)
+    # add y expanded over the blocks; only P6 -> P4 interpolates.
     aten = torch.ops.aten
     targets = [  # the BFP's ops
         n.target
@@ -604,7 +607,8 @@ def test_exported_bfp_resizes_by_integer_factors_where_the_sizes_divide(exported
         and any(path.split(".")[-1] == "bfp" for path, _ in n.meta["nn_module_stack"].values())
     ]
     assert targets.count(aten.amax.default) == 8
-    assert targets.count(aten.index_select.default) == 2
+    assert targets.count(aten.index.Tensor) == 2
+    assert targets.count(aten.expand.default) == 3
     assert targets.count(aten.upsample_nearest2d.vec) == 1
     assert aten.max_pool2d.default not in targets
     assert aten.adaptive_max_pool2d.default not in targets

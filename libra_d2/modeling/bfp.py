@@ -101,7 +101,8 @@ def adaptive_max_pool2d_by_gather(x: torch.Tensor, size: List[int]) -> torch.Ten
 
     Bin ``i`` of an axis of length ``n`` pooled to ``m`` covers ``[floor(i*n/m), ceil((i+1)*n/m))``
     as in ATen; every bin is read as ``ceil(n/m) + 1`` rows, indices clamped to the bin's last row
-    (which leaves the max unchanged), gathered with ``index_select`` and reduced with ``amax``.
+    (which leaves the max unchanged), gathered by indexing with the ``(m, k)`` index matrix and
+    reduced with ``amax``.
     """
     for axis, m in ((2, size[0]), (3, size[1])):
         n = x.shape[axis]
@@ -110,7 +111,7 @@ def adaptive_max_pool2d_by_gather(x: torch.Tensor, size: List[int]) -> torch.Ten
         last = ((i + 1) * n + m - 1) // m - 1
         offsets = torch.arange((n + m - 1) // m + 1, device=x.device)
         index = torch.minimum(start[:, None] + offsets, last[:, None])  # (m, k)
-        x = x.index_select(axis, index.flatten()).unflatten(axis, index.shape).amax(axis + 1)
+        x = x[(slice(None),) * axis + (index,)].amax(axis + 1)
     return x
 
 
@@ -152,15 +153,19 @@ def add_nearest_upsampled(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     ``(N, C, H, W)`` and ``y`` ``(N, C, h, w)``.
 
     Where ``H`` and ``W`` are multiples of ``h`` and ``w``, each ``y`` value is broadcast over
-    its ``H/h x W/w`` block of a reshaped view of ``x``: the upsampled ``y`` is never
-    materialised (and under ``torch.export`` the sizes stay symbolic, with no index
-    arithmetic per element).
+    its ``H/h x W/w`` block of a reshaped view of ``x``, so the upsampled ``y`` is never
+    materialised; under ``torch.export`` ``y`` is expanded over the blocks and reshaped to
+    ``(N, C, H, W)`` instead, which AOTInductor compiles to a pointwise add over ``x``'s own
+    layout. Both keep the sizes symbolic, with no index arithmetic per element.
     """
     if not torch.jit.is_scripting():
-        (h, w), (m_h, m_w) = y.shape[-2:], x.shape[-2:]
+        (n, c, h, w), (m_h, m_w) = y.shape, x.shape[-2:]
         if _divides(h, m_h) and _divides(w, m_w):
+            y = y[:, :, :, None, :, None]
+            if torch.compiler.is_exporting():
+                return x + y.expand(n, c, h, m_h // h, w, m_w // w).reshape(n, c, m_h, m_w)
             blocks = x.unflatten(3, (w, m_w // w)).unflatten(2, (h, m_h // h))
-            return (blocks + y[:, :, :, None, :, None]).flatten(4, 5).flatten(2, 3)
+            return (blocks + y).flatten(4, 5).flatten(2, 3)
     return x + F.interpolate(y, size=x.shape[-2:], mode="nearest")
 
 
