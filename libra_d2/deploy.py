@@ -18,7 +18,7 @@ control flow depends on tensor values, which ``torch.export`` cannot trace:
 
 The BFP's own resizing (:func:`libra_d2.modeling.bfp.max_pool_to`,
 :func:`~libra_d2.modeling.bfp.add_nearest_upsampled`) takes symbolic sizes: block reductions and
-broadcast adds where the sizes divide, a gather (P4 -> P6) and ``F.interpolate`` (P6 -> P4)
+block-wise adds where the sizes divide, a gather (P4 -> P6) and ``F.interpolate`` (P6 -> P4)
 where they do not (the same functions serve eager inference). The replacements of detectron2's
 functions above only run inside the wrappers: training and eager inference are detectron2's code.
 

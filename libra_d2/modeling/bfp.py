@@ -154,9 +154,9 @@ def add_nearest_upsampled(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     Where ``H`` and ``W`` are multiples of ``h`` and ``w``, each ``y`` value is broadcast over
     its ``H/h x W/w`` block of a reshaped view of ``x``, so the upsampled ``y`` is never
-    materialised; under ``torch.export`` ``y`` is expanded over the blocks and reshaped to
-    ``(N, C, H, W)`` instead, which AOTInductor compiles to a pointwise add over ``x``'s own
-    layout. Both keep the sizes symbolic, with no index arithmetic per element.
+    materialised. Under ``torch.export``, ``y`` expanded over the blocks and reshaped to
+    ``(N, C, H, W)`` is added instead: AOTInductor compiles that to an add in ``x``'s layout,
+    the broadcast form to a 6-D loop in another layout.
     """
     if not torch.jit.is_scripting():
         (n, c, h, w), (m_h, m_w) = y.shape, x.shape[-2:]
