@@ -22,8 +22,9 @@ image and returns ``pred_boxes``, ``pred_classes``, ``scores``, mask models ``pr
 detection's 28x28 mask probabilities) and ``image_size``, without the final resize to the original
 image size. The saved file is then run in a fresh process that cannot import detectron2,
 libra_d2, fvcore or mmdet (``libra_d2/run_exported.py``) on the sample image, on it resized to a
-smaller landscape and portrait size, and (``export`` and dynamo ``onnx``) on an image of NaNs,
-which has no detections (an AOTInductor package's fused ReLUs turn NaN into 0); exit status
+smaller landscape and portrait size, and on an image without detections: one of NaNs
+(``export`` and dynamo ``onnx``) or, for ``aoti`` (whose fused ReLUs turn NaN into 0), the
+mean image, zero after normalisation (a trained model should detect nothing there); exit status
 0 only if every image gives eager inference's number and classes of detections (paired by class,
 box and score: detections whose scores nearly tie may swap), boxes and mask probabilities within
 ``--atol`` and scores within ``--score-atol``; 1 if they differ or the check could not run.
@@ -308,8 +309,10 @@ def main(argv=None):
     logger.info(f"Wrote {path}")
 
     images = check_images(image)
-    if not traced and args.format != "aoti":  # AOTInductor's fused ReLUs turn NaN into 0
-        images.append(torch.full_like(image, float("nan")))
+    if not traced:  # and an image without detections: NaNs, or for AOTInductor, whose fused
+        # ReLUs turn NaN into 0, the mean image (zero after normalisation)
+        mean = model.pixel_mean.to(image).expand_as(image).clone()
+        images.append(mean if args.format == "aoti" else torch.full_like(image, float("nan")))
     runtime = "onnx" if args.format == "onnx" else args.format
     try:
         outputs = run_in_fresh_process(runtime, path, images)

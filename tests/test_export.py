@@ -354,6 +354,29 @@ def test_export_model_reports_an_exported_model_that_differs(
     assert "differs from eager inference by more than" in caplog.text
 
 
+def test_export_model_aoti_checks_the_mean_image_instead_of_nans(
+    shapes_dataset, tmp_path, monkeypatch, caplog
+):
+    # The package's fused ReLUs turn NaN into 0, so its image without detections is the mean
+    # image. Not compiled here (test_aoti_package_runs_without_detectron2 compiles one): the
+    # check runs the exported program that export_model.py writes beside the package.
+    monkeypatch.setattr(export_model, "compile_aoti", lambda program, path: 0.0)
+    real, seen = export_model.run_in_fresh_process, []
+
+    def run_program(fmt, path, images):
+        seen.append((fmt, images))
+        return real("export", str(tmp_path / "model.pt2"), images)
+
+    monkeypatch.setattr(export_model, "run_in_fresh_process", run_program)
+    argv = ["--config-file", CONFIG, "--format", "aoti", "--output", str(tmp_path), *OPTS]
+    with caplog.at_level(logging.INFO, logger="libra_d2.export_model"):
+        assert export_model.main(argv) == 0
+    ((fmt, images),) = seen
+    mean = torch.tensor(load_config(CONFIG).MODEL.PIXEL_MEAN)[:, None, None]
+    assert fmt == "aoti" and len(images) == 4 == len(_comparison_logs(caplog))
+    assert torch.equal(images[-1], mean.expand_as(images[0]))
+
+
 def test_max_differences_of_exported_detections():
     def instances(boxes, scores, classes):
         inst = Instances((20, 30))
