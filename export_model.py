@@ -311,8 +311,10 @@ def main(argv=None):
     images = check_images(image)
     if not traced:  # and an image without detections: NaNs, or for AOTInductor, whose fused
         # ReLUs turn NaN into 0, the mean image (zero after normalisation)
-        mean = model.pixel_mean.to(image).expand_as(image).clone()
-        images.append(mean if args.format == "aoti" else torch.full_like(image, float("nan")))
+        if args.format == "aoti":
+            images.append(model.pixel_mean.to(image).expand_as(image).clone())
+        else:
+            images.append(torch.full_like(image, float("nan")))
     runtime = "onnx" if args.format == "onnx" else args.format
     try:
         outputs = run_in_fresh_process(runtime, path, images)
